@@ -1,0 +1,222 @@
+"""The Python API: what the CLI does, for Airflow, Prefect, cron wrappers and notebooks.
+
+`run_job()` and `resume()` are synchronous and work from plain code as well as
+from inside a running event loop (Jupyter, async task runners): there the run
+happens in a worker thread with its own loop. `run_job_async()` and
+`resume_async()` are the same for callers that are already async.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+
+from runner.config import Job, load_job
+from runner.engine import EngineSettings
+from runner.runs import ProgressCallback, batch_output_paths, execute, register
+from runner.store import RunInfo, Store, TenantCounts
+
+DEFAULT_STATE = Path("runner.db")
+STATE_VARIABLE = "RUNNER_STATE"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """How a submit or resume ended."""
+
+    run_id: str
+    state: Path
+    tenants: tuple[TenantCounts, ...]
+    outputs: tuple[Path, ...]
+    interrupted: bool
+    requeued: int
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Rows by status over all tenants."""
+        totals: dict[str, int] = {}
+        for tenant in self.tenants:
+            for status, count in tenant.by_status.items():
+                totals[status] = totals.get(status, 0) + count
+        return totals
+
+    @property
+    def cost_micros(self) -> int:
+        return sum(tenant.cost_micros for tenant in self.tenants)
+
+    @property
+    def exit_code(self) -> int:
+        """0 all rows done; 3 some failed, rejected or deferred; 130 interrupted."""
+        if self.interrupted:
+            return 130
+        counts = self.counts
+        return 0 if counts.get("done", 0) == sum(counts.values()) else 3
+
+
+def state_path(explicit: Path | str | None, environ: Mapping[str, str] | None = None) -> Path:
+    """`--state`, else `$RUNNER_STATE`, else `./runner.db`."""
+    environ = os.environ if environ is None else environ
+    if explicit is not None:
+        return Path(explicit)
+    return Path(environ[STATE_VARIABLE]) if environ.get(STATE_VARIABLE) else DEFAULT_STATE
+
+
+def default_run_id(job: Job) -> str:
+    return f"{job.job.name}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+
+
+async def run_job_async(
+    job: Path | str | Job,
+    *,
+    run_id: str | None = None,
+    state: Path | str | None = None,
+    strict: bool = False,
+    on_progress: ProgressCallback | None = None,
+    environ: Mapping[str, str] | None = None,
+    handle_signals: bool = False,
+    settings: EngineSettings | None = None,
+) -> RunResult:
+    """Submit a job (a path to its TOML file, or a loaded `Job`) and run it to the
+    end. An existing `run_id` is resumed instead; its recorded job is used."""
+    environ = os.environ if environ is None else environ
+    spec = job if isinstance(job, Job) else load_job(job)
+    if state is None and spec.job.state is not None and not environ.get(STATE_VARIABLE):
+        state = spec.job.state
+    store = Store(state_path(state, environ))
+    try:
+        run_id = run_id or default_run_id(spec)
+        info = store.run(run_id)
+        if info is not None and info.phase == "registering":
+            store.delete_run(run_id)  # a submit killed while registering: start it again
+            info = None
+        if info is None:
+            register(store, run_id, spec, strict=strict)
+        else:
+            spec = Job.from_json(info.job_json)
+        return await _execute(store, run_id, spec, environ, on_progress, handle_signals, settings)
+    finally:
+        store.close()
+
+
+async def resume_async(
+    run_id: str,
+    *,
+    state: Path | str | None = None,
+    on_progress: ProgressCallback | None = None,
+    environ: Mapping[str, str] | None = None,
+    handle_signals: bool = False,
+    settings: EngineSettings | None = None,
+) -> RunResult:
+    """Resume a run by id: resend what was in flight, retry what was deferred,
+    send what is pending, and rewrite the outputs."""
+    environ = os.environ if environ is None else environ
+    store = Store(state_path(state, environ))
+    try:
+        info = store.require_run(run_id)
+        spec = Job.from_json(info.job_json)
+        return await _execute(store, run_id, spec, environ, on_progress, handle_signals, settings)
+    finally:
+        store.close()
+
+
+async def _execute(
+    store: Store,
+    run_id: str,
+    job: Job,
+    environ: Mapping[str, str],
+    on_progress: ProgressCallback | None,
+    handle_signals: bool,
+    settings: EngineSettings | None,
+) -> RunResult:
+    execution = await execute(
+        store, run_id, job, environ=environ, on_progress=on_progress,
+        handle_signals=handle_signals, settings=settings,
+    )  # fmt: skip
+    outputs: tuple[Path, ...] = ()
+    if not execution.interrupted:
+        output = Path(store.require_run(run_id).output_path)
+        is_batch = store.require_run(run_id).input_format == "openai_batch"
+        outputs = (output, *batch_output_paths(output)) if is_batch else (output,)
+    return RunResult(
+        run_id=run_id,
+        state=store.path,
+        tenants=tuple(store.counts(run_id)),
+        outputs=outputs,
+        interrupted=execution.interrupted,
+        requeued=execution.requeued,
+    )
+
+
+def run_job(
+    job: Path | str | Job,
+    *,
+    run_id: str | None = None,
+    state: Path | str | None = None,
+    strict: bool = False,
+    on_progress: ProgressCallback | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> RunResult:
+    """Synchronous `run_job_async`; safe to call from inside a running event loop."""
+    return _run_sync(
+        lambda: run_job_async(
+            job, run_id=run_id, state=state, strict=strict, on_progress=on_progress,
+            environ=environ,
+        )
+    )  # fmt: skip
+
+
+def resume(
+    run_id: str,
+    *,
+    state: Path | str | None = None,
+    on_progress: ProgressCallback | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> RunResult:
+    """Synchronous `resume_async`; safe to call from inside a running event loop."""
+    return _run_sync(
+        lambda: resume_async(run_id, state=state, on_progress=on_progress, environ=environ)
+    )
+
+
+def status(
+    run_id: str | None = None, *, state: Path | str | None = None
+) -> list[tuple[RunInfo, list[TenantCounts]]]:
+    """Each run (or the one named) with its per-tenant counts, tokens and cost."""
+    store = Store(state_path(state))
+    try:
+        runs = [store.require_run(run_id)] if run_id else store.runs()
+        return [(info, store.counts(info.run_id)) for info in runs]
+    finally:
+        store.close()
+
+
+def _run_sync(start: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine to the end with anyio; in a thread if a loop already runs here."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return anyio.run(start)
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(anyio.run(start))
+        except BaseException as exc:  # handed to the caller's thread below
+            failure.append(exc)
+
+    thread = threading.Thread(target=target, name="runner-run")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]

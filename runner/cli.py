@@ -1,0 +1,169 @@
+"""The `runner` command: parse, call `runner.api`, render, map errors to exit codes.
+
+Exit codes a scheduler can act on:
+  0    every row done
+  3    finished, with failed, rejected or deferred rows
+  2    bad config or input, or unusable state (nothing was sent)
+  130  interrupted (resumable with `runner resume RUN`)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import click
+
+from runner import api
+from runner.errors import RunnerError
+from runner.progress import ProgressDisplay, print_table, summary_table
+from runner.simulator import SimulatorConfig, serve
+
+EXIT_OK, EXIT_UNFINISHED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 3, 2, 130
+F = TypeVar("F", bound=Callable[..., Any])
+
+_state_option = click.option(
+    "--state",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="State database (default: $RUNNER_STATE, else ./runner.db).",
+)
+
+
+def _exits(command: F) -> F:
+    """Turn our errors into a one-line message and exit code 2, Ctrl-C into 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except RunnerError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(epilog=__doc__.split("\n\n", 1)[1])
+@click.version_option(package_name="runner")
+def main() -> None:
+    """Multi-tenant batch inference against OpenAI-compatible endpoints."""
+
+
+@main.command()
+@click.argument("job", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--run-id", help="Run id (default: JOB-NAME-<UTC time>); an existing id resumes.")
+@click.option("--strict", is_flag=True, help="Refuse the whole file if any row is rejected.")
+@_state_option
+@_exits
+def submit(job: Path, run_id: str | None, strict: bool, state: Path | None) -> None:
+    """Register JOB's input and run it to the end."""
+    display = ProgressDisplay()
+    try:
+        result = anyio.run(
+            functools.partial(
+                api.run_job_async, job, run_id=run_id, state=state, strict=strict,
+                on_progress=display.update, handle_signals=True,
+            )
+        )  # fmt: skip
+    finally:
+        display.close()
+    _finish(result)
+
+
+@main.command()
+@click.argument("run_id")
+@_state_option
+@_exits
+def resume(run_id: str, state: Path | None) -> None:
+    """Resume RUN_ID: resend what was in flight, retry what was deferred."""
+    display = ProgressDisplay()
+    try:
+        result = anyio.run(
+            functools.partial(
+                api.resume_async, run_id, state=state, on_progress=display.update,
+                handle_signals=True,
+            )
+        )  # fmt: skip
+    finally:
+        display.close()
+    _finish(result)
+
+
+def _finish(result: api.RunResult) -> None:
+    print_table(summary_table(f"run {result.run_id}", result.tenants))
+    if result.requeued:
+        click.echo(f"re-sent {result.requeued} request(s) that were in flight when the run stopped")
+    resume_hint = f"runner resume {result.run_id} --state {result.state}"
+    if result.interrupted:
+        click.echo(f"interrupted; nothing is lost. Resume with: {resume_hint}", err=True)
+    else:
+        for path in result.outputs:
+            click.echo(f"output: {path}")
+        if result.exit_code == EXIT_UNFINISHED:
+            click.echo(
+                "some rows did not finish as done (see the status and error columns); "
+                f"deferred rows are sent again by: {resume_hint}"
+            )
+    sys.exit(result.exit_code)
+
+
+@main.command()
+@click.argument("run_id", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_state_option
+@_exits
+def status(run_id: str | None, as_json: bool, state: Path | None) -> None:
+    """Per-tenant counts by status, tokens and cost, for one run or all."""
+    runs = api.status(run_id, state=state)
+    if as_json:
+        payload = [
+            {
+                "run_id": info.run_id, "job": info.job_name, "phase": info.phase,
+                "rows": info.rows, "created_at": info.created_at,
+                "tenants": [
+                    {"tenant": t.tenant, "by_status": t.by_status,
+                     "prompt_tokens": t.prompt_tokens, "cached_tokens": t.cached_tokens,
+                     "completion_tokens": t.completion_tokens, "cost_micros": t.cost_micros,
+                     "resends": t.resends}
+                    for t in tenants
+                ],
+            }
+            for info, tenants in runs
+        ]  # fmt: skip
+        click.echo(json.dumps(payload, indent=2))
+        return
+    if not runs:
+        click.echo("no runs yet")
+    for info, tenants in runs:
+        title = f"run {info.run_id} ({info.job_name}, {info.phase}, {info.rows} rows)"
+        print_table(summary_table(title, tenants))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--latency", default=0.0, show_default=True, help="Seconds before each answer.")
+@click.option("--rpm", type=int, help="Per-key requests per minute (strict window).")
+@click.option("--tpm", type=int, help="Per-key tokens per minute (strict window).")
+@click.option("--error-rate", default=0.0, show_default=True, help="Fraction answered 500/503.")
+@click.option("--drop-rate", default=0.0, show_default=True, help="Fraction of dropped links.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def simulate(
+    host: str, port: int, latency: float, rpm: int | None, tpm: int | None,
+    error_rate: float, drop_rate: float, seed: int,
+) -> None:  # fmt: skip
+    """Start the bundled OpenAI-compatible simulator (GET /stats shows what it saw)."""
+    config = SimulatorConfig(
+        latency_s=latency, rpm=rpm, tpm=tpm, error_rate=error_rate, drop_rate=drop_rate,
+        seed=seed,
+    )  # fmt: skip
+    serve(config, host=host, port=port)

@@ -1,0 +1,212 @@
+"""Job and tenants files (TOML) -> frozen, validated config objects.
+
+Paths in a job file are resolved against the job file's folder. An unknown key, a
+wrong type or a bad value is a `ConfigError` naming the file and the key, raised
+before anything is sent. The parsed `Job` is stored with its run, so that
+`runner resume` needs nothing but the state database (API keys are not part of
+it: a tenant names the environment variable that holds its key).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from runner.errors import ConfigError
+from runner.pricing import Price, price_from_usd, shipped_prices
+
+BUILTIN_SIMULATOR = "builtin:simulator"
+InputFormat = Literal["auto", "parquet", "jsonl", "openai_batch"]
+_TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class JobSection(_Section):
+    name: Annotated[str, Field(min_length=1)]
+    input: Path
+    output: Path
+    state: Path | None = None
+    default_tenant: str | None = None
+
+
+class InputMapping(_Section):
+    """Which input column feeds which request field; absent columns are optional,
+    except those the job names explicitly (a wrong name refuses the file)."""
+
+    format: InputFormat = "auto"
+    id: str = "id"
+    tenant: str = "tenant"
+    prompt: str = "prompt"
+    messages: str = "messages"
+    system: str = "system"
+    model: str = "model"
+    max_tokens: str = "max_tokens"
+    temperature: str = "temperature"
+
+    def columns(self) -> dict[str, str]:
+        """Request field -> input column name."""
+        return {name: getattr(self, name) for name in _MAPPED_FIELDS}
+
+    def required_columns(self) -> set[str]:
+        """Columns the job named explicitly: they must exist in a table input."""
+        return {getattr(self, name) for name in self.model_fields_set if name in _MAPPED_FIELDS}
+
+
+_MAPPED_FIELDS = ("id", "tenant", "prompt", "messages", "system", "model", "max_tokens",
+                  "temperature")  # fmt: skip
+
+
+class Defaults(_Section):
+    model: str | None = None
+    max_tokens: Annotated[int, Field(gt=0)] = 256
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    system: str | None = None
+
+
+class ProviderConfig(_Section):
+    base_url: str = BUILTIN_SIMULATOR
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 6
+    backoff_base_s: Annotated[float, Field(gt=0)] = 0.5
+    max_backoff_s: Annotated[float, Field(gt=0)] = 30.0
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if value != BUILTIN_SIMULATOR and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"must be http(s)://host[:port]/... or {BUILTIN_SIMULATOR!r}")
+        return value.rstrip("/")
+
+
+class PriceEntry(_Section):
+    """USD per million tokens, as a user writes it."""
+
+    input: Annotated[Decimal, Field(ge=0, decimal_places=6)]
+    cached_input: Annotated[Decimal, Field(ge=0, decimal_places=6)] | None = None
+    output: Annotated[Decimal, Field(ge=0, decimal_places=6)]
+
+
+class Tenant(_Section):
+    api_key_env: str | None = None
+    rpm: Annotated[int, Field(gt=0)] = 60
+    tpm: Annotated[int, Field(gt=0)] = 100_000
+    max_parallel: Annotated[int, Field(gt=0, le=10_000)] = 8
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _check_env_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", value):
+            raise ValueError("must be an environment variable name such as ACME_API_KEY")
+        return value
+
+
+class Job(_Section):
+    """A whole job, as stored with its run."""
+
+    job: JobSection
+    input: InputMapping = InputMapping()
+    defaults: Defaults = Defaults()
+    provider: ProviderConfig = ProviderConfig()
+    prices: dict[str, PriceEntry] = {}
+    tenants: dict[str, Tenant]
+
+    @field_validator("tenants")
+    @classmethod
+    def _check_tenants(cls, value: dict[str, Tenant]) -> dict[str, Tenant]:
+        if not value:
+            raise ValueError("at least one tenant is needed")
+        for name in value:
+            if not _TENANT_NAME.match(name):
+                raise ValueError(f"tenant name {name!r}: use letters, digits, '_', '.', '-'")
+        return value
+
+    def key_env(self, tenant: str) -> str:
+        """The variable that holds a tenant's key: its `api_key_env`, else
+        `<TENANT>_API_KEY` in upper case."""
+        configured = self.tenants[tenant].api_key_env
+        return configured or re.sub(r"[^A-Z0-9]", "_", tenant.upper()) + "_API_KEY"
+
+    def price_table(self) -> dict[str, Price]:
+        """The shipped prices with this job's overrides on top."""
+        table = shipped_prices()
+        for model, entry in self.prices.items():
+            table[model] = price_from_usd(entry.model_dump())
+        return table
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> Job:
+        return cls.model_validate_json(text)
+
+
+def load_job(path: Path | str) -> Job:
+    """Read a job file; a `tenants = "FILE"` key pulls tenants (and prices) from
+    a shared tenants file, whose own entries the job file's `[prices]` override."""
+    path = Path(path).resolve()
+    raw = _read_toml(path)
+    tenants = raw.get("tenants")
+    if isinstance(tenants, str):
+        tenants_path = (path.parent / tenants).resolve()
+        shared = _read_toml(tenants_path)
+        unknown = set(shared) - {"tenants", "prices"}
+        if unknown:
+            raise ConfigError(
+                f"{tenants_path}: unknown top-level key(s) {sorted(unknown)}; "
+                "a tenants file holds [tenants.NAME] and optional [prices.\"MODEL\"] tables"
+            )
+        raw["tenants"] = shared.get("tenants", {})
+        raw["prices"] = {**shared.get("prices", {}), **raw.get("prices", {})}
+        where = f"{path} (tenants from {tenants_path})"
+    else:
+        where = str(path)
+    job_section = raw.get("job")
+    if isinstance(job_section, dict):
+        for key in ("input", "output", "state"):
+            if isinstance(job_section.get(key), str):
+                job_section[key] = str((path.parent / job_section[key]).resolve())
+    try:
+        job = Job.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(where, exc)) from None
+    default = job.job.default_tenant
+    if default is not None and default not in job.tenants:
+        raise ConfigError(f"{where}: [job] default_tenant {default!r} is not a configured tenant")
+    return job
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc}") from None
+
+
+def _describe(where: str, exc: ValidationError) -> str:
+    """One line per problem: `[tenants.acme] rpm: Input should be greater than 0`."""
+    lines = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        table = ".".join(loc[:-1])
+        key = f"[{table}] {loc[-1]}" if table else loc[-1] if loc else "(file)"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling)"
+        elif error["type"] == "missing":
+            message = "required key is missing"
+        lines.append(f"  {key}: {message}")
+    return f"{where}: invalid job file:\n" + "\n".join(lines)

@@ -1,0 +1,313 @@
+"""A run: one task group, one lane per tenant, a group-committing checkpointer.
+
+Each lane owns its tenant's `TenantLimiter`, key and retry state, so a tenant
+that is rate-limited, failing or refused never slows another. Inside a lane a
+feeder pages `pending` rows from the store into a bounded stream (backpressure:
+at most `max_parallel` rows wait in memory) and `max_parallel` workers take a
+row each through: limiter admission -> `sent` committed -> one HTTP attempt ->
+outcome queued, retrying as the error says:
+
+- `RateLimited` (429): the whole lane pauses for the server's hint (or backoff);
+- `Retryable`: exponential backoff with jitter, up to `max_attempts`, then `failed`;
+- `TenantRefused` (401/402/403): the row and every unsent row of the tenant are
+  `deferred` (a resume after fixing the key or account sends them);
+- `RequestRejected` (other 4xx): the row `failed` with the provider's message.
+
+`stop()` is the graceful stop: no new attempt starts, attempts in flight finish
+within `grace_s`, and whatever is unfinished stays `pending`/`sent` for resume.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from runner.checkpoint import Charge, Checkpointer
+from runner.config import Job
+from runner.errors import RateLimited, RequestRejected, Retryable, TenantRefused
+from runner.limits import TenantLimiter
+from runner.pricing import Price
+from runner.provider import ProviderClient
+from runner.records import Outcome, Reply, Status
+from runner.retry import RetryPolicy
+from runner.secrets import Secret, missing_key_message
+from runner.store import FailedAttempt, PendingRequest, Store
+
+PAGE_ROWS = 512
+
+
+@dataclass(frozen=True, slots=True)
+class LaneProgress:
+    """One tenant's progress in this process, for the progress display."""
+
+    tenant: str
+    finished: dict[Status, int]
+    in_flight: int
+    waiting: int
+    paused_for_s: float
+    refused: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    """Tuning knobs that are not part of a job file."""
+
+    window_s: float = 60.0
+    margin_s: float = 0.5
+    grace_s: float = 30.0
+    keep_raw_body: bool = False
+
+
+class Engine:
+    __slots__ = ("_cancel", "_checkpointer", "_client", "_job", "_keys", "_lanes", "_prices",
+                 "_run_id", "_settings", "_store", "stopping")  # fmt: skip
+
+    def __init__(
+        self,
+        store: Store,
+        run_id: str,
+        job: Job,
+        *,
+        keys: Mapping[str, Secret | None],
+        client: ProviderClient,
+        prices: Mapping[str, Price],
+        settings: EngineSettings = EngineSettings(),
+    ) -> None:
+        self._store = store
+        self._run_id = run_id
+        self._job = job
+        self._keys = keys
+        self._client = client
+        self._prices = prices
+        self._settings = settings
+        self._checkpointer = Checkpointer(store, run_id)
+        self._lanes: list[_Lane] = []
+        self._cancel = anyio.CancelScope()
+        self.stopping = False
+
+    def __repr__(self) -> str:
+        return f"Engine(run={self._run_id!r}, lanes={len(self._lanes)}, stopping={self.stopping})"
+
+    async def run(self) -> None:
+        """Send every pending row of the run; returns when all lanes are done or
+        stopped, with every outcome committed."""
+        policy = RetryPolicy(
+            max_attempts=self._job.provider.max_attempts,
+            base_s=self._job.provider.backoff_base_s,
+            max_backoff_s=self._job.provider.max_backoff_s,
+        )
+        self._lanes = [
+            _Lane(self, tenant, largest, policy)
+            for tenant, largest in self._store.lane_tenants(self._run_id).items()
+        ]
+        try:
+            with self._cancel:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(self._checkpointer.run)
+                    async with anyio.create_task_group() as lanes:
+                        for lane in self._lanes:
+                            lanes.start_soon(lane.run)
+                    group.cancel_scope.cancel()
+        finally:
+            self._checkpointer.flush()
+            for lane in self._lanes:
+                if lane.refused:
+                    self._store.defer_tenant(self._run_id, lane.tenant, lane.refused)
+
+    def stop(self) -> None:
+        """Graceful stop: start nothing new; cancel what is in flight after grace_s."""
+        if not self.stopping:
+            self.stopping = True
+            self._cancel.deadline = anyio.current_time() + self._settings.grace_s
+            for lane in self._lanes:
+                lane.interrupt_waits()
+
+    def abort(self) -> None:
+        """Stop now; requests in flight stay `sent` and are re-sent on resume."""
+        self.stopping = True
+        self._cancel.cancel()
+
+    def progress(self) -> list[LaneProgress]:
+        return [lane.progress() for lane in self._lanes]
+
+
+class _Lane:
+    """One tenant's pipeline: feeder -> bounded stream -> workers."""
+
+    __slots__ = ("_engine", "_key", "_policy", "_rng", "_waits", "finished_counts", "limiter",
+                 "refused", "tenant")  # fmt: skip
+
+    def __init__(self, engine: Engine, tenant: str, largest: int, policy: RetryPolicy) -> None:
+        config = engine._job.tenants[tenant]
+        self._engine = engine
+        self._key = engine._keys.get(tenant)
+        self._policy = policy
+        self._rng = random.Random()
+        self.tenant = tenant
+        self.limiter = TenantLimiter(
+            rpm=config.rpm,
+            tpm=config.tpm,
+            max_parallel=config.max_parallel,
+            max_request_tokens=largest,
+            window_s=engine._settings.window_s,
+            margin_s=engine._settings.margin_s,
+        )
+        self.refused: str | None = None
+        self._waits: set[anyio.CancelScope] = set()
+        self.finished_counts: dict[Status, int] = {}
+
+    def progress(self) -> LaneProgress:
+        stats = self.limiter.statistics()
+        return LaneProgress(
+            self.tenant, dict(self.finished_counts), stats.in_flight, stats.waiting,
+            stats.paused_for_s, self.refused,
+        )  # fmt: skip
+
+    async def run(self) -> None:
+        if self._key is None:
+            self.refused = missing_key_message(self._engine._job, self.tenant)
+            return
+        workers = self._engine._job.tenants[self.tenant].max_parallel
+        send, receive = anyio.create_memory_object_stream[PendingRequest](workers)
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._feed, send)
+            for _ in range(workers):
+                group.start_soon(self._work, receive.clone())
+            receive.close()
+
+    def _active(self) -> bool:
+        return not (self.refused or self._engine.stopping)
+
+    def _refuse(self, reason: str) -> None:
+        if self.refused is None:
+            self.refused = reason
+            self.interrupt_waits()
+
+    def interrupt_waits(self) -> None:
+        """Wake every worker waiting for admission or backoff, so a stop or a
+        refusal is not held up by a 30-second pause."""
+        for scope in self._waits:
+            scope.cancel()
+
+    async def _wait(self, awaitable: Coroutine[Any, Any, None]) -> bool:
+        """Await a wait that a stop or refusal may cut short; True if the lane
+        should go on."""
+        if not self._active():
+            awaitable.close()
+            return False
+        with anyio.CancelScope() as scope:
+            self._waits.add(scope)
+            try:
+                await awaitable
+            finally:
+                self._waits.discard(scope)
+        return self._active()
+
+    async def _feed(self, send: ObjectSendStream[PendingRequest]) -> None:
+        engine = self._engine
+        after = -1
+        async with send:
+            while self._active():
+                page = engine._store.pending_page(
+                    engine._run_id, self.tenant, after_seq=after, limit=PAGE_ROWS
+                )
+                if not page:
+                    return
+                for request in page:
+                    if not self._active():
+                        return
+                    await send.send(request)
+                after = page[-1].seq
+
+    async def _work(self, receive: ObjectReceiveStream[PendingRequest]) -> None:
+        async with receive:
+            async for request in receive:
+                if self._active():
+                    await self._serve(request)
+
+    async def _serve(self, request: PendingRequest) -> None:
+        """Attempts until the row has an outcome, or the lane stops taking work."""
+        engine = self._engine
+        attempt = request.attempts
+        while await self._wait(self.limiter.acquire(request.tpm_cost)):
+            attempt += 1
+            await engine._checkpointer.mark_sent(request.seq, attempt)
+            try:
+                async with self.limiter.slot():
+                    reply = await engine._client.send(
+                        request.body.encode(),
+                        tenant=self.tenant,
+                        key=self._key,
+                        request_id=f"{quote(engine._run_id, safe='')}:{request.seq}",
+                    )
+            except TenantRefused as error:
+                self._refuse(
+                    f"{error} (check the key in {engine._job.key_env(self.tenant)}, or the "
+                    f"account's payment status; then run `runner resume {engine._run_id}`)"
+                )
+                self._finish(Outcome(request.seq, Status.DEFERRED, attempt, error=self.refused))
+                return
+            except RequestRejected as error:
+                self._finish(Outcome(request.seq, Status.FAILED, attempt, error=str(error)))
+                return
+            except Retryable as error:
+                if await self._retry(request, attempt, error):
+                    continue
+                return
+            self._succeed(request, attempt, reply)
+            return
+
+    async def _retry(self, request: PendingRequest, attempt: int, error: Retryable) -> bool:
+        """Record a failed attempt and wait before the next one; False when no
+        attempt is left (the row failed) or the lane stopped meanwhile."""
+        engine = self._engine
+        engine._checkpointer.fail_attempt(
+            FailedAttempt(request.seq, attempt, error.status, str(error))
+        )
+        if attempt >= self._policy.max_attempts:
+            text = f"{error} (gave up after {attempt} attempts)"
+            self._finish(Outcome(request.seq, Status.FAILED, attempt, error=text))
+            return False
+        if isinstance(error, RateLimited):
+            self.limiter.pause(self._policy.wait_after(attempt, error.retry_after, self._rng))
+            return self._active()
+        return await self._wait(anyio.sleep(self._policy.backoff(attempt, self._rng)))
+
+    def _succeed(self, request: PendingRequest, attempt: int, reply: Reply) -> None:
+        engine = self._engine
+        cost = None if reply.usage is None else engine._prices[request.model].cost(reply.usage)
+        self._finish(
+            Outcome(
+                request.seq,
+                Status.DONE,
+                attempt,
+                response=reply.content,
+                finish_reason=reply.finish_reason,
+                usage=reply.usage,
+                cost_micros=cost,
+                latency_ms=reply.latency_ms,
+                error=None if reply.usage else "the provider sent no usage: cost unknown",
+                raw_body=reply.body.decode("utf-8", "replace")
+                if engine._settings.keep_raw_body
+                else None,
+            ),
+            charge=None
+            if cost is None
+            else (self.tenant, _period(), request.model, request.seq, cost),
+        )
+
+    def _finish(self, outcome: Outcome, charge: Charge | None = None) -> None:
+        self._engine._checkpointer.finish(outcome, charge)
+        self.finished_counts[outcome.status] = self.finished_counts.get(outcome.status, 0) + 1
+
+
+def _period() -> str:
+    """The ledger period of a charge made now: the UTC calendar month."""
+    return datetime.now(UTC).strftime("%Y-%m")

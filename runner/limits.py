@@ -1,0 +1,215 @@
+"""Per-tenant admission control: RPM, TPM, the concurrency cap and the lane pause.
+
+This module owns `TenantLimiter`, one per tenant lane. It decides *when* a request
+may leave; it knows nothing of budgets (`budget.py`), of retrying (`retry.py`), or of
+what a request is beyond its TPM cost (estimated prompt tokens + `max_tokens`).
+
+Window maths. Take a limit `L` per window `W` (RPM or TPM, `W` = `window_s`, 60 s) and
+a margin `m` (`margin_s`). Each limit has two guards that must admit at one instant:
+
+* an `aiolimiter.AsyncLimiter` bucket of capacity `B` (one second's worth,
+  `ceil(L / W)`; for TPM at least `max_request_tokens`, because `acquire(n)` above
+  the capacity raises `ValueError`) that drains at `r = L / (W + m)` per second. An
+  admission needs `level + n <= B` and the level drains at most `r*T` in `T` seconds,
+  so any interval of length `T` admits at most `B + r*T`. The bucket starts empty, so
+  the first minute opens with at most `B` at once, not the whole minute's budget.
+* a sliding-window log of the admissions in the last `W + m` seconds, which admits
+  only while the log's count (or token sum) plus the request stays `<= L`. So any
+  interval of length `W + m` admits at most `L`, whereas the bucket alone would allow
+  `B + L`. A provider receives each request a little after we admit it; as long as
+  that delay varies by less than `m`, every `W`-second window it measures maps onto
+  an interval of at most `W + m` of our admission times and holds at most `L`.
+
+Sustained throughput is `L / (W + m)` per second, `W / (W + m)` (99.2 %) of the limit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import anyio
+from aiolimiter import AsyncLimiter
+
+__all__ = ["LimiterStatistics", "TenantLimiter"]
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterStatistics:
+    """A snapshot of one lane's limiter, for progress displays and tests."""
+
+    in_flight: int  # concurrency slots borrowed right now
+    waiting: int  # tasks inside `acquire()` (paused, paced, or queued on the lane lock)
+    paused_for_s: float  # seconds until the lane's pause ends; 0.0 when not paused
+    admitted_requests: int  # admissions since the limiter was made
+    admitted_tokens: int
+
+
+class TenantLimiter:
+    """RPM + TPM pacing, a `max_parallel` cap and a 429 pause for one tenant's lane.
+
+    Use as::
+
+        await limiter.acquire(request.tpm_cost)   # waits for the pause, RPM and TPM
+        async with limiter.slot():                # at most max_parallel in flight
+            reply = await provider.send(request)
+
+    `acquire` takes no slot, so a request waiting for rate never holds one. Admissions
+    are first come, first served (a FIFO lane lock): a large request is not overtaken
+    by small ones, so it cannot starve. Admission is joint: under the lock, loop until
+    the lane is not paused and both buckets and both logs admit at the same instant,
+    then take from both buckets (no suspension: the capacity is there) and log it.
+    Taking from one bucket while waiting on the other would charge that capacity at
+    the wrong time, and the provider could see an overshoot.
+
+    While a log is the bottleneck we sleep exactly until its oldest entries expire.
+    While a bucket refuses we poll every `poll_s` (a quarter of the mean gap between
+    requests, in [1 ms, 50 ms]): aiolimiter offers no "when will `n` fit". Polling
+    costs no capacity while the bucket's level stays above zero, because it keeps
+    draining while we sleep and the late admission finds it that much lower. It can
+    cost up to `poll_s` per admission only when `B - n < r * poll_s`, i.e. when a
+    request needs the whole bucket (`rpm <= 60`, or a request of `max_request_tokens`
+    when that is the TPM bucket's size); then the level can reach zero, where leaking
+    stops, before we look again.
+
+    Time is anyio's clock (on asyncio the loop's), so tests move it instead of sleeping.
+    """
+
+    __slots__ = (
+        "_admitted_requests",
+        "_admitted_tokens",
+        "_lock",
+        "_log",
+        "_log_tokens",
+        "_paused_until",
+        "_rpm_bucket",
+        "_slots",
+        "_span_s",
+        "_tpm_bucket",
+        "_waiting",
+        "max_request_tokens",
+        "poll_s",
+        "rpm",
+        "tpm",
+    )
+
+    def __init__(
+        self,
+        *,
+        rpm: int,
+        tpm: int,
+        max_parallel: int,
+        max_request_tokens: int,
+        window_s: float = 60.0,
+        margin_s: float = 0.5,
+    ) -> None:
+        if min(rpm, tpm, max_parallel, max_request_tokens) < 1:
+            raise ValueError("rpm, tpm, max_parallel and max_request_tokens must be >= 1")
+        if max_request_tokens > tpm:
+            raise ValueError(f"max_request_tokens {max_request_tokens} exceeds tpm {tpm}")
+        if not (window_s > 0 and margin_s >= 0 and math.isfinite(window_s + margin_s)):
+            raise ValueError("window_s must be > 0 and margin_s >= 0")
+        self.rpm, self.tpm, self.max_request_tokens = rpm, tpm, max_request_tokens
+        self._span_s = window_s + margin_s
+        rpm_size = max(1, math.ceil(rpm / window_s))
+        tpm_size = max(math.ceil(tpm / window_s), max_request_tokens)
+        # AsyncLimiter(B, period) drains at B / period per second; we want L / (W + m).
+        self._rpm_bucket = AsyncLimiter(rpm_size, rpm_size * self._span_s / rpm)
+        self._tpm_bucket = AsyncLimiter(tpm_size, tpm_size * self._span_s / tpm)
+        self.poll_s = min(0.05, max(0.001, self._span_s / rpm / 4))
+        self._log: deque[tuple[float, int]] = deque()  # (admitted at, tokens)
+        self._log_tokens = 0
+        self._lock = anyio.Lock()
+        self._slots = anyio.CapacityLimiter(max_parallel)
+        self._paused_until = -math.inf
+        self._waiting = 0
+        self._admitted_requests = 0
+        self._admitted_tokens = 0
+
+    async def acquire(self, tokens: int) -> None:
+        """Wait out any pause, then until RPM and TPM both admit `tokens`; charge both.
+
+        Raises `ValueError` if `tokens` is negative or above `max_request_tokens`
+        (validation rejects such rows, so this is a programming error).
+        """
+        if not 0 <= tokens <= self.max_request_tokens:
+            raise ValueError(f"tokens must be in [0, {self.max_request_tokens}], got {tokens}")
+        self._waiting += 1
+        try:
+            async with self._lock:
+                while True:
+                    now = anyio.current_time()
+                    ready_at = max(self._paused_until, self._log_ready_at(now, tokens))
+                    if ready_at > now:
+                        # Exactly until then, but at least 1 us: timers may fire a hair early.
+                        await anyio.sleep(max(ready_at - now, 1e-6))
+                        continue
+                    if self._rpm_bucket.has_capacity(1) and self._tpm_bucket.has_capacity(tokens):
+                        await self._rpm_bucket.acquire(1)  # these two do not suspend
+                        await self._tpm_bucket.acquire(tokens)
+                        self._log.append((now, tokens))
+                        self._log_tokens += tokens
+                        self._admitted_requests += 1
+                        self._admitted_tokens += tokens
+                        return
+                    await anyio.sleep(self.poll_s)
+        finally:
+            self._waiting -= 1
+
+    def _log_ready_at(self, now: float, tokens: int) -> float:
+        """Drop expired log entries; return when the log admits one more of `tokens`."""
+        log, span = self._log, self._span_s
+        while log and log[0][0] + span <= now:
+            self._log_tokens -= log.popleft()[1]
+        # Entries that must expire first: enough for the count, then for the token sum.
+        excess_requests = len(log) + 1 - self.rpm
+        excess_tokens = self._log_tokens + tokens - self.tpm
+        ready_at = now
+        for at, entry_tokens in log:
+            if excess_requests <= 0 and excess_tokens <= 0:
+                break
+            ready_at = at + span
+            excess_requests -= 1
+            excess_tokens -= entry_tokens
+        return ready_at
+
+    def slot(self) -> anyio.CapacityLimiter:
+        """The lane's `max_parallel` cap; `async with limiter.slot():` holds one slot.
+
+        Always the same `anyio.CapacityLimiter`; it lends one slot per task, so a task
+        must not nest two `slot()` blocks.
+        """
+        return self._slots
+
+    def pause(self, seconds: float) -> None:
+        """Admit nothing until `seconds` from now; extends, never shortens, a pause.
+
+        `seconds` must be finite and >= 0 (`ValueError` otherwise); 0 changes nothing.
+        """
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(f"pause needs a finite number of seconds >= 0, got {seconds!r}")
+        self._paused_until = max(self._paused_until, anyio.current_time() + seconds)
+
+    def statistics(self) -> LimiterStatistics:
+        """A snapshot of the limiter's state (must be called in the event loop)."""
+        return LimiterStatistics(
+            in_flight=int(self._slots.borrowed_tokens),
+            waiting=self._waiting,
+            paused_for_s=max(0.0, self._paused_until - anyio.current_time()),
+            admitted_requests=self._admitted_requests,
+            admitted_tokens=self._admitted_tokens,
+        )
+
+    def __repr__(self) -> str:
+        try:
+            paused = f"{max(0.0, self._paused_until - anyio.current_time()):.3f}s"
+        except RuntimeError:  # no event loop running: a debugger or a log line
+            paused = "?"
+        return (
+            f"<TenantLimiter rpm={self.rpm} tpm={self.tpm} "
+            f"max_parallel={int(self._slots.total_tokens)} "
+            f"in_flight={int(self._slots.borrowed_tokens)} waiting={self._waiting} "
+            f"paused_for={paused} window_log={len(self._log)} req/{self._log_tokens} tok "
+            f"admitted={self._admitted_requests} req/{self._admitted_tokens} tok>"
+        )

@@ -1,0 +1,194 @@
+"""The life of one run: register its input, execute it, write its outputs.
+
+Registration streams the input through validation into the store before
+anything is sent, so the set of rows is fixed and a resume never re-reads the
+input. A submit refused half-way (bad input, unpriced model, Ctrl-C) leaves no
+run behind. Execution wires the engine to the provider (or the bundled
+simulator), the progress display and, in the main thread, SIGINT/SIGTERM: the
+first signal stops gracefully, the second at once.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from runner.config import BUILTIN_SIMULATOR, Job
+from runner.engine import Engine, EngineSettings
+from runner.errors import InputError
+from runner.progress import TenantProgress
+from runner.provider import ProviderClient
+from runner.records import Rejection, Request, Status
+from runner.secrets import resolve_keys
+from runner.simulator import SimulatorConfig, running_simulator
+from runner.sinks import write_batch_jsonl, write_parquet
+from runner.sources import detect_format, open_source
+from runner.store import Store, TenantCounts
+from runner.validate import Validator
+
+ProgressCallback = Callable[[Sequence[TenantProgress]], None]
+_STRICT_SHOWN = 20
+# The in-process simulator answers after a short delay, so a demo looks like a
+# real provider at work without taking long.
+DEMO_SIMULATOR = SimulatorConfig(latency_s=0.05, latency_jitter_s=0.1)
+
+
+def register(store: Store, run_id: str, job: Job, *, strict: bool = False) -> int:
+    """Read, validate and register every input row; returns the row count."""
+    source = job.job.input
+    kind = detect_format(source) if job.input.format == "auto" else job.input.format
+    store.create_run(
+        run_id, job_name=job.job.name, job_json=job.to_json(), input_path=str(source),
+        input_format=kind, output_path=str(job.job.output),
+    )  # fmt: skip
+    try:
+        validator = Validator(job, job.price_table())
+        rows = 0
+        for batch in open_source(source, job.input.model_copy(update={"format": kind})):
+            requests: list[Request] = []
+            rejections: list[Rejection] = []
+            for row in batch.rows:
+                checked = validator.check(row)
+                if isinstance(checked, Request):
+                    requests.append(checked)
+                else:
+                    rejections.append(checked)
+            store.register(run_id, requests, rejections, batch.carried, batch.rows[0].seq)
+            rows += len(batch.rows)
+        store.reject_duplicate_ids(run_id)
+        if strict:
+            _refuse_rejections(store, run_id, source)
+        store.set_phase(run_id, "ready", rows=rows)
+    except BaseException:
+        store.delete_run(run_id)
+        raise
+    return rows
+
+
+def _refuse_rejections(store: Store, run_id: str, source: Path) -> None:
+    problems = store.rejections(run_id, limit=_STRICT_SHOWN + 1)
+    if problems:
+        shown = "\n".join(f"  {where}: {error}" for where, error in problems[:_STRICT_SHOWN])
+        more = "\n  ..." if len(problems) > _STRICT_SHOWN else ""
+        raise InputError(f"{source}: --strict refuses the file; rejected rows:\n{shown}{more}")
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    interrupted: bool
+    requeued: int
+
+
+async def execute(
+    store: Store,
+    run_id: str,
+    job: Job,
+    *,
+    environ: Mapping[str, str],
+    on_progress: ProgressCallback | None = None,
+    handle_signals: bool = False,
+    settings: EngineSettings | None = None,
+    progress_interval_s: float = 0.5,
+) -> Execution:
+    """Send the run's pending rows; on a clean end, write its outputs."""
+    info = store.require_run(run_id)
+    requeued = store.requeue(run_id)
+    baseline = {counts.tenant: counts for counts in store.counts(run_id)}
+    keys = resolve_keys(job, store.lane_tenants(run_id), environ)
+    settings = settings or EngineSettings(keep_raw_body=info.input_format == "openai_batch")
+    async with AsyncExitStack() as stack:
+        base_url = job.provider.base_url
+        if base_url == BUILTIN_SIMULATOR:
+            base_url = (await stack.enter_async_context(running_simulator(DEMO_SIMULATOR))).base_url
+        client = ProviderClient(
+            base_url,
+            timeout_s=job.provider.timeout_s,
+            pool_size=sum(tenant.max_parallel for tenant in job.tenants.values()),
+        )
+        stack.push_async_callback(client.aclose)
+        engine = Engine(
+            store, run_id, job, keys=keys, client=client, prices=job.price_table(),
+            settings=settings,
+        )  # fmt: skip
+        async with anyio.create_task_group() as group:
+            if handle_signals:
+                group.start_soon(_stop_on_signals, engine)
+            if on_progress is not None:
+                group.start_soon(_report, engine, baseline, on_progress, progress_interval_s)
+            await engine.run()
+            group.cancel_scope.cancel()
+        if on_progress is not None:
+            on_progress(_snapshot(engine, baseline))
+    if not engine.stopping:
+        write_outputs(store, run_id)
+    return Execution(interrupted=engine.stopping, requeued=requeued)
+
+
+def write_outputs(store: Store, run_id: str) -> list[Path]:
+    """The run's Parquet (and OpenAI-batch JSONL) files, rewritten from the store."""
+    info = store.require_run(run_id)
+    output = Path(info.output_path)
+    write_parquet(store, run_id, output)
+    paths = [output]
+    if info.input_format == "openai_batch":
+        results, errors = batch_output_paths(output)
+        write_batch_jsonl(store, run_id, results, errors)
+        paths += [results, errors]
+    store.set_phase(run_id, "finished")
+    return paths
+
+
+def batch_output_paths(output: Path) -> tuple[Path, Path]:
+    """`out/x.parquet` -> `out/x.output.jsonl`, `out/x.errors.jsonl`."""
+    return output.with_suffix(".output.jsonl"), output.with_suffix(".errors.jsonl")
+
+
+async def _stop_on_signals(engine: Engine) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            if engine.stopping:
+                engine.abort()
+            else:
+                engine.stop()
+
+
+async def _report(
+    engine: Engine,
+    baseline: Mapping[str, TenantCounts],
+    on_progress: ProgressCallback,
+    interval_s: float,
+) -> None:
+    while True:
+        on_progress(_snapshot(engine, baseline))
+        await anyio.sleep(interval_s)
+
+
+def _snapshot(engine: Engine, baseline: Mapping[str, TenantCounts]) -> list[TenantProgress]:
+    """Counts from before the run plus what each lane finished since."""
+    lanes = {lane.tenant: lane for lane in engine.progress()}
+    snapshot = []
+    for tenant, counts in baseline.items():
+        lane = lanes.get(tenant)
+        merged = Counter(counts.by_status)
+        for status, count in (lane.finished if lane else {}).items():
+            merged[status.value] += count
+        snapshot.append(
+            TenantProgress(
+                tenant=tenant,
+                total=counts.total,
+                done=merged[Status.DONE.value],
+                failed=merged[Status.FAILED.value],
+                rejected=merged[Status.REJECTED.value],
+                deferred=merged[Status.DEFERRED.value],
+                in_flight=lane.in_flight if lane else 0,
+                waiting=lane.waiting if lane else 0,
+                paused_for_s=lane.paused_for_s if lane else 0.0,
+            )
+        )
+    return snapshot

@@ -1,0 +1,65 @@
+"""Streaming readers: an input file -> batches of `InputRow`s plus carried columns.
+
+A reader never loads the whole file: it yields `SourceBatch`es of a few thousand
+rows. Each batch carries, beside its rows, an Arrow record batch of the columns
+that pass through to the output untouched, so that Parquet types survive exactly.
+A row that cannot be parsed is still yielded (with `problem` set) so that it ends
+as a `rejected` output row; only a file that cannot be read at all raises
+`InputError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from runner.config import InputFormat, InputMapping
+from runner.errors import InputError
+from runner.records import InputRow
+
+BATCH_ROWS = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class SourceBatch:
+    """Rows in input order, and their carried columns (`carried.num_rows == len(rows)`)."""
+
+    rows: list[InputRow]
+    carried: pa.RecordBatch
+
+
+def open_source(
+    path: Path, mapping: InputMapping, *, batch_rows: int = BATCH_ROWS
+) -> Iterator[SourceBatch]:
+    """Stream `path` in the format the mapping names, or the one it looks like."""
+    from runner.sources import jsonl, openai_batch, parquet
+
+    kind = detect_format(path) if mapping.format == "auto" else mapping.format
+    if kind == "parquet":
+        return parquet.read(path, mapping, batch_rows=batch_rows)
+    if kind == "openai_batch":
+        return openai_batch.read(path, batch_rows=batch_rows)
+    return jsonl.read(path, mapping, batch_rows=batch_rows)
+
+
+def detect_format(path: Path) -> InputFormat:
+    """Parquet by its magic bytes; JSONL whose first record has `custom_id` and
+    `body` is OpenAI-batch input; any other text is a JSONL table."""
+    try:
+        with path.open("rb") as handle:
+            if handle.read(4) == b"PAR1":
+                return "parquet"
+            handle.seek(0)
+            for raw in handle:
+                line = raw.strip().removeprefix(b"\xef\xbb\xbf")
+                if line:
+                    is_batch = b'"custom_id"' in line and b'"body"' in line
+                    return "openai_batch" if is_batch else "jsonl"
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such input file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, not an input file") from None
+    raise InputError(f"{path}: the input file is empty")

@@ -1,0 +1,489 @@
+"""The SQLite state database: runs, request rows, failed attempts, carried
+columns and the money ledger.
+
+One synchronous writer, WAL mode, short transactions. The store is the only
+module that speaks SQL; no bare `sqlite3` error leaves it. Its contract with the
+engine:
+
+- a request is marked `sent` (attempt counted) in a committed transaction before
+  its bytes leave, so after a crash every `sent` row is known to be in flight
+  and is re-sent on resume with its `resends` counter raised;
+- outcomes are committed in batches (`checkpoint`), each charge with its ledger
+  row in the same transaction, so the ledger always equals the sum of the
+  `done` rows' costs.
+
+`synchronous=NORMAL` in WAL mode survives a killed process (SIGKILL) without loss:
+only a power cut can drop the last commits, which then look like work in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+from runner.errors import StateError
+from runner.records import Outcome, Rejection, Request
+
+migrations = Migrations("runner")
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE runs (
+            run_id TEXT PRIMARY KEY,
+            job_name TEXT NOT NULL,
+            job_json TEXT NOT NULL,
+            input_path TEXT NOT NULL,
+            input_format TEXT NOT NULL,
+            output_path TEXT NOT NULL,
+            phase TEXT NOT NULL,          -- registering, ready, finished
+            rows INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        );
+        CREATE TABLE requests (
+            run_id TEXT NOT NULL REFERENCES runs(run_id),
+            seq INTEGER NOT NULL,         -- position in the input, from 0
+            row_id TEXT NOT NULL,
+            tenant TEXT NOT NULL,
+            model TEXT NOT NULL,
+            source TEXT NOT NULL,         -- file:line or file: row N
+            status TEXT NOT NULL,
+            body TEXT,                    -- the request as sent (JSON), NULL if rejected
+            prompt_estimate INTEGER,
+            max_tokens INTEGER,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            resends INTEGER NOT NULL DEFAULT 0,
+            response TEXT,
+            finish_reason TEXT,
+            prompt_tokens INTEGER,
+            cached_tokens INTEGER,
+            completion_tokens INTEGER,
+            reasoning_tokens INTEGER,
+            cost_micros INTEGER,
+            latency_ms INTEGER,
+            error TEXT,
+            raw_body TEXT,                -- kept for OpenAI-batch output only
+            PRIMARY KEY (run_id, seq)
+        );
+        CREATE INDEX requests_lane ON requests(run_id, tenant, status, seq);
+        CREATE INDEX requests_row_id ON requests(run_id, row_id);
+        CREATE TABLE attempts (           -- failed attempts; the last one is on the row
+            run_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            attempt INTEGER NOT NULL,
+            at TEXT NOT NULL,
+            http_status INTEGER,
+            error TEXT NOT NULL
+        );
+        CREATE INDEX attempts_request ON attempts(run_id, seq);
+        CREATE TABLE carried (            -- pass-through columns, one Arrow batch per input batch
+            run_id TEXT NOT NULL,
+            first_seq INTEGER NOT NULL,
+            num_rows INTEGER NOT NULL,
+            schema BLOB NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (run_id, first_seq)
+        );
+        CREATE TABLE ledger (
+            id INTEGER PRIMARY KEY,
+            tenant TEXT NOT NULL,
+            period TEXT NOT NULL,         -- YYYY-MM (UTC)
+            kind TEXT NOT NULL,           -- charge, topup
+            amount_micros INTEGER NOT NULL,
+            model TEXT,
+            run_id TEXT,
+            seq INTEGER,
+            reason TEXT,
+            at TEXT NOT NULL
+        );
+        CREATE INDEX ledger_tenant_period ON ledger(tenant, period);
+        """
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    run_id: str
+    job_name: str
+    job_json: str
+    input_path: str
+    input_format: str
+    output_path: str
+    phase: str
+    rows: int
+    created_at: str
+    updated_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRequest:
+    """What a lane needs to send one registered request."""
+
+    seq: int
+    model: str
+    body: str
+    tpm_cost: int
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class TenantCounts:
+    """One tenant's rows in a run, by status, with their usage and cost."""
+
+    tenant: str
+    by_status: dict[str, int]
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    cost_micros: int
+    resends: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_status.values())
+
+
+@dataclass(frozen=True, slots=True)
+class FailedAttempt:
+    seq: int
+    attempt: int
+    http_status: int | None
+    error: str
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class Store:
+    """The state database at `path` (created, and migrated, on open)."""
+
+    __slots__ = ("db", "path")
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = Database(self.path)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA busy_timeout=10000")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"{self.path}: cannot open the state database: {exc}") from None
+
+    def _migrate(self) -> None:
+        known = {migration.name for migration in migrations._migrations}
+        applied = {migration.name for migration in migrations.applied(self.db)}
+        if applied - known:
+            raise StateError(
+                f"{self.path}: the state database was written by a newer runner "
+                f"(migrations {sorted(applied - known)}); upgrade runner to use it"
+            )
+        migrations.apply(self.db)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r})"
+
+    # -- runs -----------------------------------------------------------------
+
+    def create_run(
+        self, run_id: str, *, job_name: str, job_json: str, input_path: str,
+        input_format: str, output_path: str,
+    ) -> None:  # fmt: skip
+        now = utc_now()
+        with self._write():
+            self.db.execute(
+                "INSERT INTO runs (run_id, job_name, job_json, input_path, input_format,"
+                " output_path, phase, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'registering', ?, ?)",
+                [run_id, job_name, job_json, input_path, input_format, output_path, now, now],
+            )
+
+    def run(self, run_id: str) -> RunInfo | None:
+        row = self.db.execute(
+            f"SELECT {', '.join(RunInfo.__slots__)} FROM runs WHERE run_id = ?", [run_id]
+        ).fetchone()
+        return RunInfo(*row) if row else None
+
+    def require_run(self, run_id: str) -> RunInfo:
+        info = self.run(run_id)
+        if info is None:
+            raise StateError(f"{self.path}: no run {run_id!r} (see `runner status`)")
+        return info
+
+    def runs(self) -> list[RunInfo]:
+        rows = self.db.execute(
+            f"SELECT {', '.join(RunInfo.__slots__)} FROM runs ORDER BY created_at"
+        ).fetchall()
+        return [RunInfo(*row) for row in rows]
+
+    def set_phase(self, run_id: str, phase: str, *, rows: int | None = None) -> None:
+        with self._write():
+            self.db.execute(
+                "UPDATE runs SET phase = ?, rows = COALESCE(?, rows), updated_at = ?"
+                " WHERE run_id = ?",
+                [phase, rows, utc_now(), run_id],
+            )
+
+    def delete_run(self, run_id: str) -> None:
+        """Forget a run that never sent anything (a refused or restarted submit)."""
+        with self._write():
+            for table in ("requests", "attempts", "carried", "runs"):
+                self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+
+    # -- registration ---------------------------------------------------------
+
+    def register(
+        self, run_id: str, requests: Sequence[Request], rejections: Sequence[Rejection],
+        carried: pa.RecordBatch, first_seq: int,
+    ) -> None:  # fmt: skip
+        """One input batch: its rows and its carried columns, in one transaction."""
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, carried.schema) as writer:
+            writer.write_batch(carried)
+        with self._write():
+            self.db.conn.executemany(
+                "INSERT INTO requests (run_id, seq, row_id, tenant, model, source, status,"
+                " body, prompt_estimate, max_tokens) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+                [
+                    (run_id, r.seq, r.row_id, r.tenant, r.model, r.where,
+                     json.dumps(r.body, ensure_ascii=False, separators=(",", ":")),
+                     r.prompt_tokens_estimate, r.max_tokens)
+                    for r in requests
+                ],
+            )  # fmt: skip
+            self.db.conn.executemany(
+                "INSERT INTO requests (run_id, seq, row_id, tenant, model, source, status, error)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'rejected', ?)",
+                [
+                    (run_id, r.seq, r.row_id, r.tenant, r.model, r.where, r.error)
+                    for r in rejections
+                ],
+            )
+            self.db.execute(
+                "INSERT INTO carried (run_id, first_seq, num_rows, schema, data)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [run_id, first_seq, carried.num_rows, carried.schema.serialize().to_pybytes(),
+                 sink.getvalue().to_pybytes()],
+            )  # fmt: skip
+
+    def rejections(self, run_id: str, *, limit: int) -> list[tuple[str, str]]:
+        """(where, error) of the first `limit` rejected rows, in input order."""
+        rows = self.db.execute(
+            "SELECT source, error FROM requests WHERE run_id = ? AND status = 'rejected'"
+            " ORDER BY seq LIMIT ?",
+            [run_id, limit],
+        ).fetchall()
+        return [(where, error) for where, error in rows]
+
+    def reject_duplicate_ids(self, run_id: str) -> int:
+        """Every row whose id appeared earlier in the input is rejected, naming
+        where it first appeared. Returns how many were rejected."""
+        with self._write():
+            cursor = self.db.execute(
+                """
+                WITH ranked AS (
+                    SELECT seq, row_id,
+                           ROW_NUMBER() OVER (PARTITION BY row_id ORDER BY seq) AS nth,
+                           FIRST_VALUE(source) OVER (PARTITION BY row_id ORDER BY seq) AS first
+                    FROM requests WHERE run_id = :run
+                )
+                UPDATE requests
+                SET status = 'rejected', body = NULL,
+                    error = 'duplicate id ' || quote(ranked.row_id)
+                            || ' (first seen at ' || ranked.first || ')'
+                FROM ranked
+                WHERE requests.run_id = :run AND requests.seq = ranked.seq AND ranked.nth > 1
+                """,
+                {"run": run_id},
+            )
+            return cursor.rowcount
+
+    # -- the run --------------------------------------------------------------
+
+    def requeue(self, run_id: str) -> int:
+        """Prepare a (re)started run: rows left `sent` by a crash were in flight
+        and are re-sent (counted in `resends`); `deferred` rows get another chance.
+        Returns how many rows were in flight."""
+        with self._write():
+            in_flight = self.db.execute(
+                "UPDATE requests SET status = 'pending', resends = resends + 1"
+                " WHERE run_id = ? AND status = 'sent'",
+                [run_id],
+            ).rowcount
+            self.db.execute(
+                "UPDATE requests SET status = 'pending', error = NULL"
+                " WHERE run_id = ? AND status = 'deferred'",
+                [run_id],
+            )
+        return in_flight
+
+    def lane_tenants(self, run_id: str) -> dict[str, int]:
+        """Tenants with rows to send, and the largest TPM cost among their rows."""
+        rows = self.db.execute(
+            "SELECT tenant, MAX(prompt_estimate + max_tokens) FROM requests"
+            " WHERE run_id = ? AND status = 'pending' GROUP BY tenant ORDER BY tenant",
+            [run_id],
+        ).fetchall()
+        return {tenant: int(largest) for tenant, largest in rows}
+
+    def pending_page(
+        self, run_id: str, tenant: str, *, after_seq: int, limit: int
+    ) -> list[PendingRequest]:
+        rows = self.db.execute(
+            "SELECT seq, model, body, prompt_estimate + max_tokens, attempts FROM requests"
+            " WHERE run_id = ? AND tenant = ? AND status = 'pending' AND seq > ?"
+            " ORDER BY seq LIMIT ?",
+            [run_id, tenant, after_seq, limit],
+        ).fetchall()
+        return [PendingRequest(*row) for row in rows]
+
+    def checkpoint(
+        self,
+        run_id: str,
+        *,
+        sent: Iterable[tuple[int, int]] = (),
+        outcomes: Iterable[Outcome] = (),
+        failures: Iterable[FailedAttempt] = (),
+        charges: Iterable[tuple[str, str, str, int, int]] = (),
+    ) -> None:
+        """One transaction: `sent` marks as (seq, attempt), outcomes, failed
+        attempts, and ledger charges as (tenant, period, model, seq, micros)."""
+        now = utc_now()
+        with self._write():
+            conn = self.db.conn
+            conn.executemany(
+                "UPDATE requests SET status = 'sent', attempts = ? WHERE run_id = ? AND seq = ?",
+                [(attempt, run_id, seq) for seq, attempt in sent],
+            )
+            conn.executemany(
+                "UPDATE requests SET status = ?, attempts = ?, response = ?, finish_reason = ?,"
+                " prompt_tokens = ?, cached_tokens = ?, completion_tokens = ?,"
+                " reasoning_tokens = ?, cost_micros = ?, latency_ms = ?, error = ?, raw_body = ?"
+                " WHERE run_id = ? AND seq = ?",
+                [(*_outcome_values(outcome), run_id, outcome.seq) for outcome in outcomes],
+            )
+            conn.executemany(
+                "INSERT INTO attempts (run_id, seq, attempt, at, http_status, error)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(run_id, f.seq, f.attempt, now, f.http_status, f.error) for f in failures],
+            )
+            conn.executemany(
+                "INSERT INTO ledger (tenant, period, kind, amount_micros, model, run_id, seq, at)"
+                " VALUES (?, ?, 'charge', ?, ?, ?, ?, ?)",
+                [
+                    (tenant, period, micros, model, run_id, seq, now)
+                    for tenant, period, model, seq, micros in charges
+                ],
+            )
+
+    def defer_tenant(self, run_id: str, tenant: str, reason: str) -> int:
+        """Every row of `tenant` not yet sent is deferred with `reason`."""
+        with self._write():
+            return self.db.execute(
+                "UPDATE requests SET status = 'deferred', error = ?"
+                " WHERE run_id = ? AND tenant = ? AND status = 'pending'",
+                [reason, run_id, tenant],
+            ).rowcount
+
+    # -- reading results --------------------------------------------------------
+
+    def counts(self, run_id: str) -> list[TenantCounts]:
+        rows = self.db.execute(
+            "SELECT tenant, status, COUNT(*), TOTAL(prompt_tokens), TOTAL(cached_tokens),"
+            " TOTAL(completion_tokens), TOTAL(cost_micros), TOTAL(resends)"
+            " FROM requests WHERE run_id = ? GROUP BY tenant, status ORDER BY tenant",
+            [run_id],
+        ).fetchall()
+        merged: dict[str, list[Any]] = {}
+        for tenant, status, count, prompt, cached, completion, cost, resends in rows:
+            entry = merged.setdefault(tenant, [{}, 0, 0, 0, 0, 0])
+            entry[0][status] = count
+            for index, value in enumerate((prompt, cached, completion, cost, resends), start=1):
+                entry[index] += int(value)
+        return [TenantCounts(tenant, *values) for tenant, values in merged.items()]
+
+    def carried_batches(self, run_id: str) -> Iterator[tuple[int, pa.RecordBatch]]:
+        """(first seq, carried columns) per input batch, in input order."""
+        cursor = self.db.execute(
+            "SELECT first_seq, data FROM carried WHERE run_id = ? ORDER BY first_seq", [run_id]
+        )
+        for first_seq, data in cursor:
+            yield first_seq, pa.ipc.open_stream(data).read_next_batch()
+
+    def carried_schemas(self, run_id: str) -> list[pa.Schema]:
+        rows = self.db.execute("SELECT schema FROM carried WHERE run_id = ?", [run_id])
+        return [pa.ipc.read_schema(pa.py_buffer(blob)) for (blob,) in rows]
+
+    def results(self, run_id: str, first_seq: int, count: int) -> list[tuple[Any, ...]]:
+        """Result columns (see `RESULT_COLUMNS`) of rows first_seq .. first_seq+count-1."""
+        return self.db.execute(
+            f"SELECT {', '.join(RESULT_COLUMNS)} FROM requests"
+            " WHERE run_id = ? AND seq >= ? AND seq < ? ORDER BY seq",
+            [run_id, first_seq, first_seq + count],
+        ).fetchall()
+
+    def iter_results(self, run_id: str, *, page_rows: int = 5000) -> Iterator[tuple[Any, ...]]:
+        """Every row's result columns in input order, read a page at a time."""
+        first_seq = 0
+        while page := self.results(run_id, first_seq, page_rows):
+            yield from page
+            first_seq = page[-1][0] + 1
+
+    def ledger_total(self, run_id: str) -> int:
+        (total,) = self.db.execute(
+            "SELECT TOTAL(amount_micros) FROM ledger WHERE run_id = ? AND kind = 'charge'",
+            [run_id],
+        ).fetchone()
+        return int(total)
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        """A transaction; a locked or broken database becomes a `StateError`."""
+        try:
+            with self.db.atomic():
+                yield
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: {exc}") from None
+
+
+RESULT_COLUMNS = (
+    "seq", "row_id", "tenant", "model", "status", "response", "finish_reason",
+    "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "cost_micros",
+    "attempts", "resends", "latency_ms", "error", "raw_body",
+)  # fmt: skip
+
+
+def _outcome_values(outcome: Outcome) -> tuple[Any, ...]:
+    usage = outcome.usage
+    return (
+        outcome.status.value,
+        outcome.attempts,
+        outcome.response,
+        outcome.finish_reason,
+        usage.prompt_tokens if usage else None,
+        usage.cached_tokens if usage else None,
+        usage.completion_tokens if usage else None,
+        usage.reasoning_tokens if usage else None,
+        outcome.cost_micros,
+        outcome.latency_ms,
+        outcome.error,
+        outcome.raw_body,
+    )
