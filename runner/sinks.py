@@ -47,13 +47,13 @@ _CARRIED_PREFIX = "input_"
 
 def write_parquet(store: Store, run_id: str, path: Path) -> int:
     """The result table: carried columns, then `RESULT_SCHEMA`; returns the row count."""
-    carried_schema = _carried_schema(store.carried_schemas(run_id))
-    schema = pa.schema(list(carried_schema) + list(RESULT_SCHEMA))
+    carried_fields = _carried_fields(store.carried_schemas(run_id))
+    schema = pa.schema([field for field, _ in carried_fields] + list(RESULT_SCHEMA))
     rows = 0
     with _replace_atomically(path, "wb") as handle, pq.ParquetWriter(handle, schema) as writer:
         for first_seq, carried in store.carried_batches(run_id):
             results = store.results(run_id, first_seq, carried.num_rows)
-            arrays = [_conform(carried, field) for field in carried_schema]
+            arrays = [_conform(carried, source, field) for field, source in carried_fields]
             arrays += _result_arrays(results)
             writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
             rows += len(results)
@@ -104,22 +104,22 @@ def _result_arrays(results: list[tuple[Any, ...]]) -> list[pa.Array]:
     ]
 
 
-def _carried_schema(schemas: list[pa.Schema]) -> pa.Schema:
-    """One schema for the carried columns of every batch: a column typed alike
-    everywhere keeps its type, types that promote are promoted (int -> double),
-    and a column with no common type is written as JSON text."""
+def _carried_fields(schemas: list[pa.Schema]) -> list[tuple[pa.Field, str]]:
+    """(output field, input column) for the carried columns of every batch: a
+    column typed alike everywhere keeps its type, types that promote are promoted
+    (int -> double), a column with no common type is written as JSON text, and a
+    column named like a result column gets the prefix `input_`."""
     seen: dict[str, list[pa.DataType]] = {}
     for schema in schemas:
         for field in schema:
             seen.setdefault(field.name, [])
             if field.type != pa.null():
                 seen[field.name].append(field.type)
-    fields = []
     reserved = set(RESULT_SCHEMA.names)
-    for name, types in seen.items():
-        output_name = _CARRIED_PREFIX + name if name in reserved else name
-        fields.append(pa.field(output_name, _common_type(types), metadata={"source": name}))
-    return pa.schema(fields)
+    return [
+        (pa.field(_CARRIED_PREFIX + name if name in reserved else name, _common_type(types)), name)
+        for name, types in seen.items()
+    ]
 
 
 def _common_type(types: list[pa.DataType]) -> pa.DataType:
@@ -137,9 +137,8 @@ def _common_type(types: list[pa.DataType]) -> pa.DataType:
         return pa.string()
 
 
-def _conform(batch: pa.RecordBatch, field: pa.Field) -> pa.Array:
-    """The batch's column for `field`, cast to the common type (nulls if absent)."""
-    source = field.metadata[b"source"].decode()
+def _conform(batch: pa.RecordBatch, source: str, field: pa.Field) -> pa.Array:
+    """The batch's `source` column cast to `field`'s common type (nulls if absent)."""
     if source not in batch.schema.names:
         return pa.nulls(batch.num_rows, field.type)
     array = batch.column(source)

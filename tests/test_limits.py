@@ -15,9 +15,9 @@ import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from virtual_clock import VirtualClockLoop, run_virtual
 
 from runner.limits import LimiterStatistics, TenantLimiter
+from tests.virtual_clock import VirtualClockLoop, run_virtual
 
 pytestmark = pytest.mark.anyio
 
@@ -105,7 +105,7 @@ def scenarios(draw: st.DrawFn) -> tuple[dict[str, float], list[tuple[float, int]
     return knobs, requests, start
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_no_window_ever_overshoots(
     scenario: tuple[dict[str, float], list[tuple[float, int]], float],

@@ -1,0 +1,96 @@
+"""Job and tenants files: what loads, and errors that name the file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from runner.config import Job, load_job
+from runner.errors import ConfigError
+from tests.conftest import REPO, JobWriter
+
+
+def test_the_shipped_example_job_loads_with_paths_resolved_against_its_folder() -> None:
+    job = load_job(REPO / "jobs" / "example.toml")
+    assert job.job.input == REPO / "sample_data" / "prompts.parquet"
+    assert job.job.output == REPO / "out" / "example.parquet"
+    assert job.input.prompt == "turns"
+    assert set(job.tenants) == {"acme", "globex", "initech"}
+    assert job.price_table()["deepseek-v3.2"].output == 420_000
+
+
+def test_a_tenants_file_is_shared_and_job_prices_override_it(tmp_path: Path) -> None:
+    (tmp_path / "tenants.toml").write_text(
+        '[tenants.acme]\nrpm = 5\n[prices."m"]\ninput = 1\noutput = 2\n', encoding="utf-8"
+    )
+    (tmp_path / "job.toml").write_text(
+        'tenants = "tenants.toml"\n[job]\nname = "j"\ninput = "in.jsonl"\noutput = "o.parquet"\n'
+        '[prices."m"]\ninput = 3\noutput = 4\n',
+        encoding="utf-8",
+    )
+    job = load_job(tmp_path / "job.toml")
+    assert job.tenants["acme"].rpm == 5
+    assert job.price_table()["m"].input == 3_000_000
+
+
+def test_the_job_round_trips_through_the_json_stored_with_its_run() -> None:
+    job = load_job(REPO / "jobs" / "openai_batch.toml")
+    assert Job.from_json(job.to_json()) == job
+
+
+def test_key_variable_defaults_to_the_tenant_name(write_job: JobWriter) -> None:
+    job = load_job(write_job(Path("in.jsonl"), tenants={"acme-eu.2": {"rpm": 1}}, job=""))
+    assert job.key_env("acme-eu.2") == "ACME_EU_2_API_KEY"
+
+
+@pytest.mark.parametrize(
+    ("tenant_settings", "expected"),
+    [
+        ({"rpmm": 5}, r"\[tenants.acme\] rpmm: unknown key"),
+        ({"rpm": "fast"}, r"\[tenants.acme\] rpm: Input should be a valid integer"),
+        ({"rpm": 0}, r"\[tenants.acme\] rpm: Input should be greater than 0"),
+        ({"api_key_env": "sk-live-123"}, r"api_key_env: .*environment variable name"),
+    ],
+)
+def test_a_wrong_tenant_setting_names_the_file_the_table_and_the_key(
+    write_job: JobWriter, tenant_settings: dict[str, object], expected: str
+) -> None:
+    path = write_job(Path("in.jsonl"), tenants={"acme": tenant_settings})
+    with pytest.raises(ConfigError, match=expected) as caught:
+        load_job(path)
+    assert str(path) in str(caught.value)
+
+
+def test_missing_required_keys_and_bad_defaults_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text('[job]\ninput = "x"\n[tenants.a]\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_job(path)
+    assert "[job] name: required key is missing" in str(caught.value)
+    assert "[job] output: required key is missing" in str(caught.value)
+
+
+def test_an_unknown_default_tenant_is_refused(write_job: JobWriter) -> None:
+    with pytest.raises(ConfigError, match="default_tenant 'nobody' is not a configured tenant"):
+        load_job(write_job(Path("in.jsonl"), job='default_tenant = "nobody"'))
+
+
+def test_a_price_with_more_than_six_decimals_is_refused(write_job: JobWriter) -> None:
+    extra = '[prices."m"]\ninput = 0.0000001\noutput = 1\n'
+    with pytest.raises(ConfigError, match=r"\[prices.m.input\]|prices.m\] input"):
+        load_job(write_job(Path("in.jsonl"), extra=extra))
+
+
+def test_not_toml_and_missing_files_name_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[job\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="bad.toml: not valid TOML"):
+        load_job(bad)
+    with pytest.raises(ConfigError, match="nope.toml: no such file"):
+        load_job(tmp_path / "nope.toml")
+
+
+def test_a_base_url_must_be_http(write_job: JobWriter) -> None:
+    with pytest.raises(ConfigError, match=r"\[provider\] base_url"):
+        load_job(write_job(Path("in.jsonl"), base_url="ftp://example"))

@@ -1,0 +1,55 @@
+"""The prompt-token estimate: exact figures per character class, chat framing."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from runner.tokens import messages_tokens, prompt_tokens, text_tokens
+
+
+def test_latin_words_cost_a_quarter_of_their_letters_rounded_up_plus_punctuation() -> None:
+    # letters 10 in 2 runs -> ceil((10 + 6) / 4) = 4; "!" -> 1
+    assert text_tokens("Hello world!") == 5
+
+
+def test_cjk_costs_one_token_per_character_not_one_per_four() -> None:
+    assert text_tokens("你好世界") == 4
+    assert text_tokens("请用中文回答这个问题。") == 11
+
+
+def test_digits_are_grouped_by_three() -> None:
+    assert text_tokens("12345") == 3  # ceil((5 + 2) / 3)
+    assert text_tokens("1 2 3") == 3
+
+
+def test_emoji_outside_the_basic_plane_cost_two() -> None:
+    assert text_tokens("👍") == 2
+
+
+def test_line_breaks_count_once_per_run_and_spaces_are_free() -> None:
+    assert text_tokens("a\n\n\nb") == 3
+    assert text_tokens("a     b") == 2
+    assert text_tokens("") == 0
+
+
+def test_chat_framing_adds_four_per_message_and_three_for_the_reply() -> None:
+    messages = [{"role": "user", "content": "Hello world!"}]
+    assert messages_tokens(messages) == 3 + 4 + 5
+    named = [{"role": "user", "content": "Hello world!", "name": "bob"}]
+    assert messages_tokens(named) == 3 + 4 + 5 + 1 + 2  # "bob": ceil((3 + 3) / 4)
+
+
+def test_text_parts_count_their_text_and_tools_count_their_json() -> None:
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello world!"}]}]
+    assert messages_tokens(parts) == 12
+    body = {"messages": parts, "temperature": 0.5, "max_tokens": 10}
+    assert prompt_tokens(body) == 12
+    assert prompt_tokens({**body, "tools": [{"type": "function"}]}) > 12
+
+
+@given(st.text())
+def test_the_estimate_is_never_below_one_token_per_four_characters(text: str) -> None:
+    # Byte-pair tokenizers average about four characters per token on prose;
+    # whatever the text, the estimate must not fall under that average.
+    assert text_tokens(text) * 4 >= len("".join(text.split()))
