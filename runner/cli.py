@@ -1,5 +1,6 @@
 """The `runner` command: parse, call `runner.api`, render, map errors to exit codes.
 
+\b
 Exit codes a scheduler can act on:
   0    every row done
   3    finished, with failed, rejected or deferred rows
@@ -52,7 +53,7 @@ def _exits(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@click.group(epilog=__doc__.split("\n\n", 1)[1])
+@click.group(epilog=(__doc__ or "").split("\n\n", 1)[1])
 @click.version_option(package_name="runner")
 def main() -> None:
     """Multi-tenant batch inference against OpenAI-compatible endpoints."""

@@ -162,7 +162,7 @@ def load_job(path: Path | str) -> Job:
         if unknown:
             raise ConfigError(
                 f"{tenants_path}: unknown top-level key(s) {sorted(unknown)}; "
-                "a tenants file holds [tenants.NAME] and optional [prices.\"MODEL\"] tables"
+                'a tenants file holds [tenants.NAME] and optional [prices."MODEL"] tables'
             )
         raw["tenants"] = shared.get("tenants", {})
         raw["prices"] = {**shared.get("prices", {}), **raw.get("prices", {})}

@@ -8,8 +8,11 @@ Window maths. Take a limit `L` per window `W` (RPM or TPM, `W` = `window_s`, 60 
 a margin `m` (`margin_s`). Each limit has two guards that must admit at one instant:
 
 * an `aiolimiter.AsyncLimiter` bucket of capacity `B` (one second's worth,
-  `ceil(L / W)`; for TPM at least `max_request_tokens`, because `acquire(n)` above
-  the capacity raises `ValueError`) that drains at `r = L / (W + m)` per second. An
+  `ceil(L / W)`, but at least two of the largest admission: two requests, or twice
+  `max_request_tokens`, capped at `L`) that drains at `r = L / (W + m)` per second.
+  Twice the largest admission keeps the bucket level above zero while a request
+  waits, so the level keeps draining between polls and polling loses no capacity
+  (`acquire(n)` above the capacity would raise `ValueError` besides). An
   admission needs `level + n <= B` and the level drains at most `r*T` in `T` seconds,
   so any interval of length `T` admits at most `B + r*T`. The bucket starts empty, so
   the first minute opens with at most `B` at once, not the whole minute's budget.
@@ -113,8 +116,8 @@ class TenantLimiter:
             raise ValueError("window_s must be > 0 and margin_s >= 0")
         self.rpm, self.tpm, self.max_request_tokens = rpm, tpm, max_request_tokens
         self._span_s = window_s + margin_s
-        rpm_size = max(1, math.ceil(rpm / window_s))
-        tpm_size = max(math.ceil(tpm / window_s), max_request_tokens)
+        rpm_size = min(rpm, max(2, math.ceil(rpm / window_s)))
+        tpm_size = min(tpm, max(math.ceil(tpm / window_s), 2 * max_request_tokens))
         # AsyncLimiter(B, period) drains at B / period per second; we want L / (W + m).
         self._rpm_bucket = AsyncLimiter(rpm_size, rpm_size * self._span_s / rpm)
         self._tpm_bucket = AsyncLimiter(tpm_size, tpm_size * self._span_s / tpm)

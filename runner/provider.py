@@ -60,9 +60,7 @@ class ProviderClient:
     def __repr__(self) -> str:
         return f"ProviderClient({self._url!r}, sent={self.sent})"
 
-    async def send(
-        self, body: bytes, *, tenant: str, key: Secret | None, request_id: str
-    ) -> Reply:
+    async def send(self, body: bytes, *, tenant: str, key: Secret | None, request_id: str) -> Reply:
         """One attempt. `request_id` goes out as `X-Client-Request-Id` so that a
         provider's logs (and the simulator's `/stats`) can tell resends apart."""
         headers = {"X-Tenant-ID": tenant, "X-Client-Request-Id": request_id}
@@ -100,8 +98,7 @@ def _reply(payload: bytes, *, tenant: str, latency_ms: int) -> Reply:
             content = json.dumps(content, ensure_ascii=False)
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         raise Retryable(
-            f"tenant {tenant!r}: HTTP 200 but the body is not a chat completion: "
-            f"{_quote(payload)}",
+            f"tenant {tenant!r}: HTTP 200 but the body is not a chat completion: {_quote(payload)}",
             tenant=tenant,
             status=200,
         ) from None
@@ -130,9 +127,7 @@ def _is_count(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _error(
-    status: int, payload: bytes, headers: Mapping[str, str], *, tenant: str
-) -> Exception:
+def _error(status: int, payload: bytes, headers: Mapping[str, str], *, tenant: str) -> Exception:
     text = f"tenant {tenant!r}: HTTP {status}: {_quote(payload)}"
     if status == 429:
         return RateLimited(text, tenant=tenant, retry_after=parse_retry_after(headers))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,13 +22,12 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(autouse=True)
-def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No key or state location leaks in from the developer's shell; cwd is tmp."""
     for name in list(os.environ):
         if name.endswith("_API_KEY") or name == "RUNNER_STATE":
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
-    yield
 
 
 TENANTS = {
@@ -74,7 +73,7 @@ def write_job(tmp_path: Path) -> JobWriter:
             provider,
         ]
         for tenant, settings in (tenants or TENANTS).items():
-            lines.append(f"[tenants.\"{tenant}\"]")
+            lines.append(f'[tenants."{tenant}"]')
             lines += [f"{key} = {_toml(value)}" for key, value in settings.items()]
         lines.append(textwrap.dedent(extra))
         path = tmp_path / name

@@ -85,9 +85,9 @@ def test_a_price_with_more_than_six_decimals_is_refused(write_job: JobWriter) ->
 def test_not_toml_and_missing_files_name_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[job\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match="bad.toml: not valid TOML"):
+    with pytest.raises(ConfigError, match=r"bad\.toml: not valid TOML"):
         load_job(bad)
-    with pytest.raises(ConfigError, match="nope.toml: no such file"):
+    with pytest.raises(ConfigError, match=r"nope\.toml: no such file"):
         load_job(tmp_path / "nope.toml")
 
 

@@ -31,7 +31,10 @@ def test_mt_bench_streams_in_batches_with_continuous_positions() -> None:
     assert [row.seq for row in rows] == list(range(80))
     first = rows[0]
     assert first.fields["id"] == 81
-    assert first.fields["prompt"][1] == "Rewrite your previous response. Start every sentence with the letter A."
+    assert (
+        first.fields["prompt"][1]
+        == "Rewrite your previous response. Start every sentence with the letter A."
+    )
     assert first.where.endswith("mt_bench_questions.jsonl:1")
     # question_id and turns are consumed; category and reference are carried
     assert batches[0].carried.schema.names == ["category", "reference"]
@@ -89,7 +92,7 @@ def test_unparseable_lines_become_problem_rows_with_their_line_numbers(tmp_path:
 
 @pytest.mark.parametrize("data", [b"", b"\n\n  \n"])
 def test_an_input_without_rows_is_refused(tmp_path: Path, data: bytes) -> None:
-    with pytest.raises(InputError, match="empty|no rows"):
+    with pytest.raises(InputError, match=r"empty|no rows"):
         read_all(write_lines(tmp_path, data), InputMapping(format="jsonl"))
 
 
@@ -143,7 +146,9 @@ ROWS = st.lists(
 
 @settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=ROWS)
-def test_jsonl_and_parquet_round_trip_generated_rows(tmp_path: Path, rows: list[dict[str, Any]]) -> None:
+def test_jsonl_and_parquet_round_trip_generated_rows(
+    tmp_path: Path, rows: list[dict[str, Any]]
+) -> None:
     jsonl = tmp_path / "rt.jsonl"
     jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     parquet = tmp_path / "rt.parquet"

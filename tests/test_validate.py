@@ -57,11 +57,17 @@ def test_a_row_without_an_id_is_numbered_by_its_position(job: Job) -> None:
 @pytest.mark.parametrize(
     ("fields", "problem"),
     [
-        ({"prompt": "x", "max_tokens": "ten"}, "'max_tokens' must be a positive integer, not 'ten'"),
+        (
+            {"prompt": "x", "max_tokens": "ten"},
+            "'max_tokens' must be a positive integer, not 'ten'",
+        ),
         ({"prompt": "x", "max_tokens": 0}, "'max_tokens' must be a positive integer, not 0"),
         ({"messages": "hello"}, "'messages' must be a non-empty list, not str"),
         ({"messages": [{"content": "x"}]}, "messages[0] has role None"),
-        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content must be text or parts, not int"),
+        (
+            {"messages": [{"role": "user", "content": 5}]},
+            "messages[0].content must be text or parts, not int",
+        ),
         ({}, "missing 'prompt' (or 'messages')"),
         ({"prompt": ""}, "'prompt' must be a non-empty string or list of strings, not str"),
         ({"prompt": "x", "temperature": 3}, "'temperature' must be between 0 and 2, not 3"),
@@ -92,7 +98,9 @@ def test_a_row_that_could_never_fit_its_tenants_tpm_is_rejected(job: Job) -> Non
 
 
 def test_an_unpriced_model_refuses_the_whole_submit_naming_model_and_row(job: Job) -> None:
-    with pytest.raises(ConfigError, match=r'in.jsonl:8: model \'mystery\' has no price; add \[prices."mystery"\]'):
+    with pytest.raises(
+        ConfigError, match=r'in.jsonl:8: model \'mystery\' has no price; add \[prices."mystery"\]'
+    ):
         check(job, {"prompt": "x", "model": "mystery"})
 
 
@@ -122,7 +130,10 @@ def test_a_batch_line_without_a_token_limit_gets_the_jobs_default(job: Job) -> N
         (batch({"messages": []}), "'messages' must be a non-empty list, not list"),
         (batch("text"), "'body' must be an object, not str"),
         (batch({}, method="GET"), "method 'GET': only POST is supported"),
-        (batch({}, url="/v1/embeddings"), "url '/v1/embeddings': only /v1/chat/completions is supported"),
+        (
+            batch({}, url="/v1/embeddings"),
+            "url '/v1/embeddings': only /v1/chat/completions is supported",
+        ),
         ({"batch": True, "body": {}}, "missing 'custom_id'"),
     ],
 )

@@ -1,0 +1,250 @@
+"""Whole runs in-process against the real simulator over loopback HTTP.
+
+Each test submits a job through `run_job_async`, then checks the outcome rows in
+the state database, the output Parquet, and what the simulator saw.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from runner.api import RunResult, resume_async, run_job_async
+from runner.engine import EngineSettings
+from runner.simulator import SimulatorConfig, running_simulator
+from runner.store import Store
+from tests.conftest import JobWriter
+
+pytestmark = pytest.mark.anyio
+
+KEYS = {
+    "acme": "sk-acme-1111111111",
+    "globex": "sk-globex-22222222",
+    "initech": "sk-ini-3333333333",
+}
+ENVIRON = {f"{tenant.upper()}_API_KEY": key for tenant, key in KEYS.items()}
+SIM_KEYS = {key: tenant for tenant, key in KEYS.items()}
+
+
+def write_input(tmp_path: Path, rows: int, tenants: tuple[str, ...] = tuple(KEYS)) -> Path:
+    path = tmp_path / "in.jsonl"
+    with path.open("w", encoding="utf-8") as handle:
+        for index in range(rows):
+            row = {"id": f"r{index}", "tenant": tenants[index % len(tenants)],
+                   "prompt": f"Question {index}: what is {index} squared?", "n": index}  # fmt: skip
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+def output_rows(tmp_path: Path) -> list[dict[str, Any]]:
+    return pq.read_table(tmp_path / "out" / "result.parquet").to_pylist()
+
+
+async def run(job: Path, **kwargs: Any) -> RunResult:
+    kwargs.setdefault("environ", ENVIRON)
+    return await run_job_async(job, run_id="r", **kwargs)
+
+
+async def test_every_row_is_done_once_with_its_own_tenants_key(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    async with running_simulator(SimulatorConfig(keys=SIM_KEYS)) as sim:
+        result = await run(write_job(write_input(tmp_path, 60), base_url=sim.base_url))
+        stats = sim.stats()
+    assert result.exit_code == 0
+    assert result.counts == {"done": 60}
+    assert stats["tenant_mismatch"] == 0
+    assert stats["by_status"] == {"200": 60}
+    assert {label: entry["ok"] for label, entry in stats["per_key"].items()} == {
+        "acme": 20, "globex": 20, "initech": 20,
+    }  # fmt: skip
+    assert all(entry == {"received": 1, "ok": 1} for entry in stats["client_request_ids"].values())
+    rows = output_rows(tmp_path)
+    assert [row["id"] for row in rows] == [f"r{index}" for index in range(60)]
+    assert [row["n"] for row in rows] == list(range(60))
+    usage_tokens = sum(row["prompt_tokens"] + row["completion_tokens"] for row in rows)
+    assert usage_tokens == sum(
+        entry["prompt_tokens"] + entry["completion_tokens"] for entry in stats["per_key"].values()
+    )
+    store = Store(tmp_path / "state.db")
+    assert (
+        store.ledger_total("r") == sum(row["cost_usd"] * 1e6 for row in rows) == result.cost_micros
+    )
+
+
+async def test_the_cost_of_each_row_is_its_usage_at_the_jobs_prices(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    config = SimulatorConfig(cached_fraction=0.5, reasoning_tokens=3)
+    async with running_simulator(config) as sim:
+        await run(write_job(write_input(tmp_path, 6), base_url=sim.base_url))
+    for row in output_rows(tmp_path):
+        cached = row["prompt_tokens"] // 2
+        assert row["cached_tokens"] == cached and row["reasoning_tokens"] == 3
+        scaled = (
+            (row["prompt_tokens"] - cached) * 280_000
+            + cached * 28_000
+            + row["completion_tokens"] * 420_000
+        )
+        assert round(row["cost_usd"] * 1e6) == (scaled + 500_000) // 1_000_000
+
+
+async def test_limits_hold_at_a_strict_server_without_a_single_429(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    # A 2-second window stands for the minute: 10 requests per window per key.
+    tenants = {"acme": {"rpm": 10, "tpm": 100_000, "max_parallel": 8},
+               "globex": {"rpm": 10, "tpm": 100_000, "max_parallel": 8}}  # fmt: skip
+    config = SimulatorConfig(rpm=10, window_s=2.0, keys=SIM_KEYS)
+    async with running_simulator(config) as sim:
+        result = await run(
+            write_job(write_input(tmp_path, 40, ("acme", "globex")), base_url=sim.base_url,
+                      tenants=tenants),
+            settings=EngineSettings(window_s=2.0, margin_s=0.1),
+        )  # fmt: skip
+        stats = sim.stats()
+    assert result.counts == {"done": 40}
+    assert stats["by_status"] == {"200": 40}
+    assert stats["max_window_requests"] == {"acme": 10, "globex": 10}
+
+
+async def test_a_429_pauses_the_lane_and_every_row_still_finishes(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    # The tenant believes it may send 600/min; the server allows 4 per second.
+    config = SimulatorConfig(rpm=4, window_s=1.0, retry_after="fractional")
+    async with running_simulator(config) as sim:
+        result = await run(
+            write_job(write_input(tmp_path, 12, ("acme",)), base_url=sim.base_url,
+                      provider="max_attempts = 20\nbackoff_base_s = 0.01\nmax_backoff_s = 1"),
+        )  # fmt: skip
+        stats = sim.stats()
+    assert result.counts == {"done": 12}
+    assert stats["by_status"]["200"] == 12
+    assert stats["by_status"]["429"] >= 1
+    store = Store(tmp_path / "state.db")
+    (recorded,) = store.db.execute(
+        "SELECT COUNT(*) FROM attempts WHERE http_status = 429"
+    ).fetchone()
+    assert recorded == stats["by_status"]["429"]
+
+
+async def test_server_errors_and_dropped_connections_are_retried_with_backoff(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    config = SimulatorConfig(error_rate=0.3, drop_rate=0.1, malformed_rate=0.1, seed=7)
+    async with running_simulator(config) as sim:
+        result = await run(
+            write_job(write_input(tmp_path, 40), base_url=sim.base_url,
+                      provider="max_attempts = 10\nbackoff_base_s = 0.001\nmax_backoff_s = 0.01"),
+        )  # fmt: skip
+        stats = sim.stats()
+    assert result.counts == {"done": 40}
+    rows = output_rows(tmp_path)
+    assert sum(row["attempts"] for row in rows) == stats["requests"]
+    assert max(row["attempts"] for row in rows) > 1
+
+
+async def test_retries_exhausted_fail_the_row_with_the_last_error(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    async with running_simulator(SimulatorConfig(error_rate=1.0)) as sim:
+        result = await run(write_job(write_input(tmp_path, 3), base_url=sim.base_url))
+        stats = sim.stats()
+    assert result.exit_code == 3 and result.counts == {"failed": 3}
+    assert stats["requests"] == 12  # max_attempts = 4 per row
+    for row in output_rows(tmp_path):
+        assert row["status"] == "failed" and row["attempts"] == 4
+        assert "HTTP 50" in row["error"] and "gave up after 4 attempts" in row["error"]
+
+
+async def test_a_refused_key_defers_only_that_tenant_and_resume_finishes_it(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    refusing = SimulatorConfig(keys=SIM_KEYS, refuse={KEYS["globex"]: 401})
+    async with running_simulator(refusing) as sim:
+        job = write_job(write_input(tmp_path, 30), base_url=sim.base_url)
+        first = await run(job)
+    by_tenant = {t.tenant: t.by_status for t in first.tenants}
+    assert by_tenant["acme"] == {"done": 10} and by_tenant["initech"] == {"done": 10}
+    assert by_tenant["globex"] == {"deferred": 10}
+    assert first.exit_code == 3
+    errors = {row["error"] for row in output_rows(tmp_path) if row["tenant"] == "globex"}
+    assert len(errors) == 1
+    (error,) = errors
+    assert "tenant 'globex'" in error and "HTTP 401" in error and "GLOBEX_API_KEY" in error
+    assert KEYS["globex"] not in error
+
+    # The key is fixed on the provider's side; the same run id resumes on the same port.
+    async with running_simulator(SimulatorConfig(keys=SIM_KEYS), port=sim.port) as sim:
+        second = await resume_async("r", state=tmp_path / "state.db", environ=ENVIRON)
+        assert sim.stats()["per_key"]["globex"]["ok"] == 10
+        assert sim.stats()["requests"] == 10
+    assert second.exit_code == 0 and second.counts == {"done": 30}
+
+
+async def test_a_missing_key_defers_the_tenant_with_the_variable_to_set(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    async with running_simulator() as sim:
+        environ = {name: key for name, key in ENVIRON.items() if not name.startswith("INITECH")}
+        result = await run(
+            write_job(write_input(tmp_path, 9), base_url=sim.base_url), environ=environ
+        )
+        assert sim.stats()["requests"] == 6
+    initech = [row for row in output_rows(tmp_path) if row["tenant"] == "initech"]
+    assert {row["status"] for row in initech} == {"deferred"}
+    assert "environment variable INITECH_API_KEY is not set" in initech[0]["error"]
+    assert result.exit_code == 3
+
+
+async def test_a_response_without_usage_is_done_with_cost_unknown_never_zero(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    async with running_simulator(SimulatorConfig(no_usage_rate=1.0)) as sim:
+        result = await run(write_job(write_input(tmp_path, 3), base_url=sim.base_url))
+    assert result.counts == {"done": 3}
+    for row in output_rows(tmp_path):
+        assert row["cost_usd"] is None and row["prompt_tokens"] is None
+        assert row["error"] == "the provider sent no usage: cost unknown"
+    assert Store(tmp_path / "state.db").ledger_total("r") == 0
+
+
+async def test_a_request_the_provider_rejects_fails_with_the_providers_message(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    path = tmp_path / "batch.jsonl"
+    line = {"custom_id": "s1", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": "hi"}], "stream": True}}  # fmt: skip
+    path.write_text(json.dumps(line) + "\n", encoding="utf-8")
+    async with running_simulator() as sim:
+        result = await run(write_job(path, base_url=sim.base_url))
+        assert sim.stats()["requests"] == 1
+    (row,) = output_rows(tmp_path)
+    assert row["status"] == "failed" and row["attempts"] == 1
+    assert "HTTP 400" in row["error"] and "stream" in row["error"]
+    assert result.exit_code == 3
+
+
+async def test_rejected_and_duplicate_rows_are_reported_and_never_sent(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text(
+        '{"id": "a", "prompt": "one"}\n{"id": "a", "prompt": "two"}\nnot json\n'
+        '{"id": "c", "prompt": "x", "tenant": "nobody"}\n',
+        encoding="utf-8",
+    )
+    async with running_simulator() as sim:
+        result = await run(write_job(path, base_url=sim.base_url))
+        assert sim.stats()["requests"] == 1
+    rows = output_rows(tmp_path)
+    assert [row["status"] for row in rows] == ["done", "rejected", "rejected", "rejected"]
+    assert rows[1]["error"] == f"duplicate id 'a' (first seen at {path}:1)"
+    assert rows[2]["error"].startswith("not valid JSON")
+    assert rows[3]["error"].startswith("unknown tenant 'nobody'")
+    assert result.exit_code == 3
