@@ -1,0 +1,150 @@
+"""Crash safety with real processes: SIGKILL at seeded random moments, then resume;
+SIGINT for a graceful stop. The simulator runs in a thread of the test process,
+so it outlives every killed runner and its `/stats` is the witness of what was sent.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from runner.simulator import SimulatorConfig, SimulatorThread
+from tests.conftest import JobWriter
+
+TENANTS = ("acme", "globex", "initech")
+FAST_TENANTS = {tenant: {"rpm": 3000, "tpm": 1_000_000, "max_parallel": 8} for tenant in TENANTS}
+
+
+def write_input(path: Path, rows: int) -> Path:
+    with path.open("w", encoding="utf-8") as handle:
+        for index in range(rows):
+            row = {
+                "id": f"q{index}",
+                "tenant": TENANTS[index % 3],
+                "prompt": f"Tell me about {index}.",
+            }
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+def start(job: Path, cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "runner", "submit", str(job), "--run-id", "night"],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def integrity(state: Path) -> str:
+    with sqlite3.connect(state) as db:
+        return str(db.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+def request_rows(state: Path) -> dict[int, tuple[str, int, int, int | None]]:
+    """seq -> (status, attempts, resends, cost_micros)"""
+    with sqlite3.connect(state) as db:
+        rows = db.execute(
+            "SELECT seq, status, attempts, resends, cost_micros FROM requests"
+            " WHERE run_id = 'night'"
+        ).fetchall()
+    return {seq: (status, attempts, resends, cost) for seq, status, attempts, resends, cost in rows}
+
+
+def use_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    for tenant in TENANTS:
+        monkeypatch.setenv(f"{tenant.upper()}_API_KEY", f"sk-{tenant}")
+
+
+def test_sigkill_at_random_moments_then_resume_loses_nothing_and_resends_only_in_flight(
+    tmp_path: Path, write_job: JobWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(20261203)
+    rows, kills = 300, 8
+    config = SimulatorConfig(latency_s=0.02, latency_jitter_s=0.08)
+    with SimulatorThread(config) as sim:
+        job = write_job(
+            write_input(tmp_path / "in.jsonl", rows), base_url=sim.base_url, tenants=FAST_TENANTS
+        )
+        use_keys(monkeypatch)
+        killed = 0
+        for _ in range(kills):
+            process = start(job, tmp_path)
+            time.sleep(rng.uniform(0.2, 2.5))
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                killed += 1
+            process.communicate(timeout=60)
+            assert integrity(tmp_path / "state.db") == "ok"
+        assert killed >= kills // 2, "the kills should land mid-run"
+        process = start(job, tmp_path)
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, stderr
+        seen = sim.stats()["client_request_ids"]
+
+    table = pq.read_table(tmp_path / "out" / "result.parquet")
+    assert table.column("id").to_pylist() == [f"q{index}" for index in range(rows)]
+    assert set(table.column("status").to_pylist()) == {"done"}
+
+    state = request_rows(tmp_path / "state.db")
+    for seq, (_, attempts, resends, _) in state.items():
+        witness = seen[f"night:{seq}"]
+        # A row is marked sent before its bytes leave: the server never sees more
+        # sends than the store counted, and a second answer only after a crash.
+        assert witness["received"] <= attempts
+        assert witness["ok"] <= 1 + resends
+        if resends == 0:
+            assert witness["received"] == witness["ok"] == 1
+    total_resends = sum(resends for _, _, resends, _ in state.values())
+    assert total_resends <= killed * 3 * 8  # at most the requests in flight at each kill
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        (ledger,) = db.execute(
+            "SELECT SUM(amount_micros) FROM ledger WHERE run_id = 'night'"
+        ).fetchone()
+    assert ledger == sum(cost for _, _, _, cost in state.values() if cost is not None)
+    assert ledger == round(sum(table.column("cost_usd").to_pylist()) * 1e6)
+
+
+def test_sigint_stops_gracefully_with_exit_130_and_resume_finishes(
+    tmp_path: Path, write_job: JobWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = SimulatorConfig(latency_s=0.3)
+    with SimulatorThread(config) as sim:
+        job = write_job(
+            write_input(tmp_path / "in.jsonl", 90), base_url=sim.base_url, tenants=FAST_TENANTS
+        )
+        use_keys(monkeypatch)
+        process = start(job, tmp_path)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            if (tmp_path / "state.db").exists() and sum(
+                status == "done" for status, *_ in request_rows(tmp_path / "state.db").values()
+            ):
+                break
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 130, stderr
+        assert "runner resume night" in stderr
+        assert not (tmp_path / "out" / "result.parquet").exists()
+        statuses = [status for status, *_ in request_rows(tmp_path / "state.db").values()]
+        assert "sent" not in statuses  # in-flight requests were waited for
+        assert 0 < statuses.count("done") < 90
+
+        process = start(job, tmp_path)
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, stderr
+        seen = sim.stats()["client_request_ids"]
+    assert len(seen) == 90
+    assert all(entry == {"received": 1, "ok": 1} for entry in seen.values())
+    assert pq.read_table(tmp_path / "out" / "result.parquet").num_rows == 90
