@@ -96,6 +96,12 @@ class SimulatorConfig:
             raise ValueError("rpm, tpm and window_s must be positive (rpm/tpm None = no limit)")
 
 
+def key_label(key: str) -> str:
+    """How /stats names a key it has no tenant for: a short hash, distinct per key
+    and never the key itself."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
 def sim_tokens(text: str) -> int:
     """Tokens of `text` under the simulator's rule (see the module docstring)."""
     total = 0
@@ -230,10 +236,10 @@ class _State:
         )
 
     def label(self, key: str) -> str:
-        """The key's tenant when known, else a prefix short enough never to be the key."""
+        """The key's tenant when known, else `key_label(key)`."""
         if self.config.keys is not None and key in self.config.keys:
             return self.config.keys[key]
-        return key[: min(4, len(key) // 2)] + "…"
+        return key_label(key)
 
     def reply(
         self, status: int, payload: Any, headers: Mapping[str, str] | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runner.tokens import messages_tokens, prompt_tokens, text_tokens
+from runner.tokens import _any_tokens, _ascii_tokens, messages_tokens, prompt_tokens, text_tokens
 
 
 def test_latin_words_cost_a_quarter_of_their_letters_rounded_up_plus_punctuation() -> None:
@@ -19,17 +19,20 @@ def test_cjk_costs_one_token_per_character_not_one_per_four() -> None:
 
 
 def test_digits_are_grouped_by_three() -> None:
-    assert text_tokens("12345") == 3  # ceil((5 + 2) / 3)
+    assert text_tokens("12345") == 2
     assert text_tokens("1 2 3") == 3
+    assert text_tokens("1234567 ½") == 4
 
 
 def test_emoji_outside_the_basic_plane_cost_two() -> None:
     assert text_tokens("👍") == 2
 
 
-def test_line_breaks_count_once_per_run_and_spaces_are_free() -> None:
+def test_line_breaks_and_indentation_count_once_per_run_and_single_spaces_are_free() -> None:
     assert text_tokens("a\n\n\nb") == 3
-    assert text_tokens("a     b") == 2
+    assert text_tokens("a b") == 2
+    assert text_tokens("a     b") == 3
+    assert text_tokens("if x:\n\treturn") == 6  # if x : break tab return(2)
     assert text_tokens("") == 0
 
 
@@ -37,7 +40,7 @@ def test_chat_framing_adds_four_per_message_and_three_for_the_reply() -> None:
     messages = [{"role": "user", "content": "Hello world!"}]
     assert messages_tokens(messages) == 3 + 4 + 5
     named = [{"role": "user", "content": "Hello world!", "name": "bob"}]
-    assert messages_tokens(named) == 3 + 4 + 5 + 1 + 2  # "bob": ceil((3 + 3) / 4)
+    assert messages_tokens(named) == 3 + 4 + 5 + 1 + 1
 
 
 def test_text_parts_count_their_text_and_tools_count_their_json() -> None:
@@ -53,3 +56,8 @@ def test_the_estimate_is_never_below_one_token_per_four_characters(text: str) ->
     # Byte-pair tokenizers average about four characters per token on prose;
     # whatever the text, the estimate must not fall under that average.
     assert text_tokens(text) * 4 >= len("".join(text.split()))
+
+
+@given(st.text(alphabet=st.characters(max_codepoint=127)))
+def test_the_fast_ascii_path_counts_exactly_like_the_general_one(text: str) -> None:
+    assert _ascii_tokens(text.encode("ascii")) == _any_tokens(text)
