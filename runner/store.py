@@ -297,7 +297,7 @@ class Store:
         """Every row whose id appeared earlier in the input is rejected, naming
         where it first appeared. Returns how many were rejected."""
         with self._write():
-            cursor = self.db.execute(
+            self.db.execute(
                 """
                 WITH ranked AS (
                     SELECT seq, row_id,
@@ -314,7 +314,8 @@ class Store:
                 """,
                 {"run": run_id},
             )
-            return cursor.rowcount
+            # (a statement that starts with WITH reports no rowcount in sqlite3)
+            return int(self.db.execute("SELECT changes()").fetchone()[0])
 
     # -- the run --------------------------------------------------------------
 

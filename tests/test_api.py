@@ -1,0 +1,51 @@
+"""The public Python API: pinned names, sync use inside a running loop."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+import runner
+from runner.api import state_path
+from tests.conftest import SHARED_DATA, JobWriter
+
+
+def test_the_public_api_is_pinned() -> None:
+    assert runner.__all__ == [
+        "BudgetExhausted", "ConfigError", "InputError", "Job", "ProviderError", "RateLimited",
+        "RequestRejected", "Retryable", "RunResult", "RunnerError", "StateError", "Status",
+        "TenantRefused", "load_job", "resume", "resume_async", "run_job", "run_job_async",
+        "status",
+    ]  # fmt: skip
+    for name in runner.__all__:
+        assert getattr(runner, name) is not None
+
+
+def test_run_job_works_from_inside_a_running_event_loop(
+    write_job: JobWriter, tmp_path: Path
+) -> None:
+    job = write_job(
+        SHARED_DATA / "vicuna_bench_questions.jsonl",
+        input_section='id = "question_id"\nprompt = "turns"',
+        tenants={"acme": {"rpm": 6000, "tpm": 1_000_000, "max_parallel": 16}},
+    )
+
+    async def notebook_cell() -> runner.RunResult:
+        return runner.run_job(job, run_id="cell")
+
+    result = asyncio.run(notebook_cell())
+    assert result.exit_code == 0 and result.counts == {"done": 80}
+    table = pq.read_table(result.outputs[0])
+    assert table.column("id").to_pylist() == [str(n) for n in range(1, 81)]
+    assert table.column("category").to_pylist()[0] == "generic"
+    ((info, tenants),) = runner.status(state=tmp_path / "state.db")
+    assert info.run_id == "cell" and info.phase == "finished"
+    assert sum(t.cost_micros for t in tenants) == result.cost_micros > 0
+
+
+def test_state_path_prefers_the_flag_then_the_environment_then_the_default() -> None:
+    assert state_path("a.db", {"RUNNER_STATE": "b.db"}) == Path("a.db")
+    assert state_path(None, {"RUNNER_STATE": "b.db"}) == Path("b.db")
+    assert state_path(None, {}) == Path("runner.db")

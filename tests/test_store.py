@@ -1,0 +1,124 @@
+"""The state database: registration, duplicates, requeue, checkpoints, schema."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from runner.errors import StateError
+from runner.records import Outcome, Rejection, Request, Status, Usage
+from runner.store import FailedAttempt, Store
+
+
+def request(seq: int, row_id: str, tenant: str = "acme") -> Request:
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10}
+    return Request(seq, row_id, tenant, "m", f"in.jsonl:{seq + 1}", body, 8, 10)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    store = Store(tmp_path / "state.db")
+    store.create_run("r", job_name="j", job_json="{}", input_path="in.jsonl",
+                     input_format="jsonl", output_path="out.parquet")  # fmt: skip
+    requests = [request(0, "a"), request(1, "b", "globex"), request(2, "a"), request(4, "c")]
+    rejection = Rejection(3, "d", "acme", "m", "in.jsonl:4", "not valid JSON")
+    carried = pa.record_batch({"n": list(range(5))})
+    store.register("r", requests, [rejection], carried, first_seq=0)
+    return store
+
+
+def statuses(store: Store) -> dict[int, str]:
+    rows = store.db.execute("SELECT seq, status FROM requests WHERE run_id = 'r'").fetchall()
+    return dict(rows)
+
+
+def test_duplicate_ids_after_the_first_are_rejected_naming_the_first(store: Store) -> None:
+    assert store.reject_duplicate_ids("r") == 1
+    assert statuses(store) == {
+        0: "pending",
+        1: "pending",
+        2: "rejected",
+        3: "rejected",
+        4: "pending",
+    }
+    assert store.rejections("r", limit=5) == [
+        ("in.jsonl:3", "duplicate id 'a' (first seen at in.jsonl:1)"),
+        ("in.jsonl:4", "not valid JSON"),
+    ]
+
+
+def test_lanes_page_pending_rows_in_input_order(store: Store) -> None:
+    assert store.lane_tenants("r") == {"acme": 18, "globex": 18}
+    page = store.pending_page("r", "acme", after_seq=-1, limit=2)
+    assert [p.seq for p in page] == [0, 2]
+    assert [p.seq for p in store.pending_page("r", "acme", after_seq=2, limit=2)] == [4]
+    assert page[0].tpm_cost == 18 and page[0].model == "m"
+
+
+def test_requeue_resends_what_was_in_flight_and_retries_deferred(store: Store) -> None:
+    store.checkpoint("r", sent=[(0, 1), (1, 1)])
+    store.defer_tenant("r", "acme", "no key")
+    assert statuses(store)[2] == "deferred" and statuses(store)[0] == "sent"
+    assert store.requeue("r") == 2
+    assert statuses(store) == {
+        0: "pending",
+        1: "pending",
+        2: "pending",
+        3: "rejected",
+        4: "pending",
+    }
+    resends = dict(store.db.execute("SELECT seq, resends FROM requests").fetchall())
+    assert resends == {0: 1, 1: 1, 2: 0, 3: 0, 4: 0}
+
+
+def test_a_checkpoint_commits_outcomes_failures_and_charges_together(store: Store) -> None:
+    usage = Usage(prompt_tokens=8, completion_tokens=5, cached_tokens=2)
+    store.checkpoint(
+        "r",
+        sent=[(0, 2)],
+        outcomes=[Outcome(0, Status.DONE, 2, response="hi", usage=usage, cost_micros=17)],
+        failures=[FailedAttempt(0, 1, 503, "HTTP 503")],
+        charges=[("acme", "2026-12", "m", 0, 17)],
+    )
+    (acme,) = [counts for counts in store.counts("r") if counts.tenant == "acme"]
+    assert acme.by_status == {"done": 1, "pending": 2, "rejected": 1}
+    assert (acme.prompt_tokens, acme.cached_tokens, acme.completion_tokens) == (8, 2, 5)
+    assert acme.cost_micros == store.ledger_total("r") == 17
+    assert store.db.execute("SELECT attempt, http_status FROM attempts").fetchall() == [(1, 503)]
+
+
+def test_carried_columns_come_back_as_registered(store: Store) -> None:
+    ((first_seq, batch),) = list(store.carried_batches("r"))
+    assert first_seq == 0 and batch.column("n").to_pylist() == [0, 1, 2, 3, 4]
+    assert store.carried_schemas("r") == [batch.schema]
+
+
+def test_deleting_a_run_leaves_no_rows(store: Store) -> None:
+    store.delete_run("r")
+    assert store.run("r") is None
+    assert store.db.execute("SELECT COUNT(*) FROM requests").fetchone() == (0,)
+
+
+def test_a_database_from_a_newer_runner_is_refused(tmp_path: Path) -> None:
+    Store(tmp_path / "state.db").close()
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        db.execute(
+            "INSERT INTO _sqlite_migrations (migration_set, name, applied_at)"
+            " VALUES ('runner', 'm999_future', 'now')"
+        )
+    with pytest.raises(StateError, match="written by a newer runner"):
+        Store(tmp_path / "state.db")
+
+
+def test_a_file_that_is_not_sqlite_is_a_state_error(tmp_path: Path) -> None:
+    (tmp_path / "state.db").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(StateError, match="cannot open the state database"):
+        Store(tmp_path / "state.db")
+
+
+def test_an_unknown_run_is_a_state_error(tmp_path: Path) -> None:
+    with pytest.raises(StateError, match="no run 'nope'"):
+        Store(tmp_path / "state.db").require_run("nope")
