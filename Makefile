@@ -18,8 +18,8 @@ demo: $(BIN)/python
 # Install the package with its test extras, lint, type-check, run the suite.
 test: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	$(BIN)/ruff check runner tests sample_data
-	$(BIN)/ruff format --check runner tests sample_data
+	$(BIN)/ruff check runner tests bench sample_data
+	$(BIN)/ruff format --check runner tests bench sample_data
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.simulator import key_label
+from runner.tokens import prompt_tokens
 
 RPM, TPM = 1200, 150_000
 TENANTS = {"alpha": "Summarise item {i} briefly.", "beta": "Name a colour for item {i}.",
@@ -93,10 +94,11 @@ def _start_simulator() -> tuple[subprocess.Popen[str], str]:
 
 
 def _write_job(work: Path, base_url: str, seconds: float) -> Path:
-    rows = int(RPM * seconds / 60)
+    """Rows for `seconds` of work at each tenant's binding limit (by our estimate)."""
     with (work / "in.jsonl").open("w", encoding="utf-8") as handle:
-        for i in range(rows):
-            for tenant, prompt in TENANTS.items():
+        for tenant, prompt in TENANTS.items():
+            cost = prompt_tokens({"messages": [{"role": "user", "content": prompt}]}) + MAX_TOKENS
+            for i in range(int(min(RPM, TPM / cost) * seconds / 60)):
                 row = {"id": f"{tenant}-{i}", "tenant": tenant, "prompt": prompt.format(i=i)}
                 handle.write(json.dumps(row) + "\n")
     tenants = "".join(

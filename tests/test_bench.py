@@ -1,0 +1,20 @@
+"""The benchmarks' --quick sizes run here, so the scripts cannot rot."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_limits_benchmark_quick_run_reports_every_tenant_without_429s() -> None:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "limits.py"), "--quick"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("limits: 3 tenants")
+    assert len(lines) == 4
+    assert all(line.endswith("429s 0") for line in lines[1:])
