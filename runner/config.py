@@ -72,11 +72,15 @@ class Defaults(_Section):
 
 
 class ProviderConfig(_Section):
+    """Where requests go. `price_multiplier` scales every price, for relays that
+    resell a provider's models at a discount (0.8 = 20 % off)."""
+
     base_url: str = BUILTIN_SIMULATOR
     timeout_s: Annotated[float, Field(gt=0)] = 60.0
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 6
     backoff_base_s: Annotated[float, Field(gt=0)] = 0.5
     max_backoff_s: Annotated[float, Field(gt=0)] = 30.0
+    price_multiplier: Annotated[Decimal, Field(gt=0, le=100)] = Decimal(1)
 
     @field_validator("base_url")
     @classmethod
@@ -94,11 +98,25 @@ class PriceEntry(_Section):
     output: Annotated[Decimal, Field(ge=0, decimal_places=6)]
 
 
+BudgetPeriod = Literal["month", "day", "total"]
+
+
 class Tenant(_Section):
+    """One tenant's key variable, limits and money settings.
+
+    `monthly_budget_usd` is the spend cap per `budget_period` (a calendar month
+    in UTC by default, or a UTC day, or all time); absent means no cap.
+    """
+
     api_key_env: str | None = None
     rpm: Annotated[int, Field(gt=0)] = 60
     tpm: Annotated[int, Field(gt=0)] = 100_000
     max_parallel: Annotated[int, Field(gt=0, le=10_000)] = 8
+    monthly_budget_usd: Annotated[Decimal, Field(ge=0, decimal_places=6)] | None = None
+    budget_period: BudgetPeriod = "month"
+    allowed_models: list[str] | None = None
+    alert_thresholds: list[Annotated[int, Field(gt=0, le=1000)]] = [50, 80, 100]
+    alert_webhook: Annotated[str, Field(pattern=r"^https?://\S+$")] | None = None
 
     @field_validator("api_key_env")
     @classmethod
@@ -135,11 +153,15 @@ class Job(_Section):
         return configured or re.sub(r"[^A-Z0-9]", "_", tenant.upper()) + "_API_KEY"
 
     def price_table(self) -> dict[str, Price]:
-        """The shipped prices with this job's overrides on top."""
+        """The shipped prices with this job's overrides on top, times the
+        provider's `price_multiplier`."""
         table = shipped_prices()
         for model, entry in self.prices.items():
             table[model] = price_from_usd(entry.model_dump())
-        return table
+        multiplier = self.provider.price_multiplier
+        if multiplier == 1:
+            return table
+        return {model: price.scaled(multiplier) for model, price in table.items()}
 
     def to_json(self) -> str:
         return self.model_dump_json()

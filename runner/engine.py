@@ -22,16 +22,18 @@ from __future__ import annotations
 import random
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
-from runner.checkpoint import Charge, Checkpointer
+from runner.alerts import Alerts
+from runner.budget import BudgetGuard
+from runner.checkpoint import Checkpointer
 from runner.config import Job
 from runner.errors import RateLimited, RequestRejected, Retryable, TenantRefused
+from runner.ledger import Entry
 from runner.limits import TenantLimiter
 from runner.pricing import Price
 from runner.provider import ProviderClient
@@ -62,12 +64,13 @@ class EngineSettings:
     window_s: float = 60.0
     margin_s: float = 0.5
     grace_s: float = 30.0
+    alert_grace_s: float = 10.0  # how long a finished run waits for alert webhooks
     keep_raw_body: bool = False
 
 
 class Engine:
     __slots__ = ("_cancel", "_checkpointer", "_client", "_job", "_keys", "_lanes", "_prices",
-                 "_run_id", "_settings", "_store", "stopping")  # fmt: skip
+                 "_run_id", "_settings", "_store", "alerts", "stopping")  # fmt: skip
 
     def __init__(
         self,
@@ -87,7 +90,8 @@ class Engine:
         self._client = client
         self._prices = prices
         self._settings = settings
-        self._checkpointer = Checkpointer(store, run_id)
+        self.alerts = Alerts(store, job)
+        self._checkpointer = Checkpointer(store, run_id, on_commit=self.alerts.check)
         self._lanes: list[_Lane] = []
         self._cancel = anyio.CancelScope()
         self.stopping = False
@@ -111,9 +115,14 @@ class Engine:
             with self._cancel:
                 async with anyio.create_task_group() as group:
                     group.start_soon(self._checkpointer.run)
+                    group.start_soon(self.alerts.deliver)
                     async with anyio.create_task_group() as lanes:
                         for lane in self._lanes:
                             lanes.start_soon(lane.run)
+                    self._checkpointer.flush()  # the last alerts fire from here
+                    self.alerts.close()
+                    with anyio.move_on_after(self._settings.alert_grace_s):
+                        await self.alerts.delivered()
                     group.cancel_scope.cancel()
         finally:
             self._checkpointer.flush()
@@ -141,8 +150,8 @@ class Engine:
 class _Lane:
     """One tenant's pipeline: feeder -> bounded stream -> workers."""
 
-    __slots__ = ("_engine", "_key", "_policy", "_rng", "_waits", "finished_counts", "limiter",
-                 "refused", "tenant")  # fmt: skip
+    __slots__ = ("_engine", "_key", "_policy", "_reserved", "_rng", "_settled", "_waits",
+                 "budget", "finished_counts", "limiter", "refused", "tenant")  # fmt: skip
 
     def __init__(self, engine: Engine, tenant: str, largest: int, policy: RetryPolicy) -> None:
         config = engine._job.tenants[tenant]
@@ -159,6 +168,9 @@ class _Lane:
             window_s=engine._settings.window_s,
             margin_s=engine._settings.margin_s,
         )
+        self.budget = BudgetGuard(tenant, config, engine._prices, engine._run_id)
+        self._reserved = 0  # reservations of this lane not yet settled
+        self._settled = anyio.Event()  # set (and replaced) whenever one settles
         self.refused: str | None = None
         self._waits: set[anyio.CancelScope] = set()
         self.finished_counts: dict[Status, int] = {}
@@ -233,10 +245,12 @@ class _Lane:
                     await self._serve(request)
 
     async def _serve(self, request: PendingRequest) -> None:
-        """Attempts until the row has an outcome, or the lane stops taking work."""
+        """Budget, then attempts until the row has an outcome or the lane stops."""
         engine = self._engine
+        worst = self.budget.worst_case(request.model, request.prompt_estimate, request.max_tokens)
+        admitted, reserved = await self._reserve(request, worst)
         attempt = request.attempts
-        while await self._wait(self.limiter.acquire(request.tpm_cost)):
+        while admitted and await self._wait(self.limiter.acquire(request.tpm_cost)):
             attempt += 1
             await engine._checkpointer.mark_sent(request.seq, attempt)
             try:
@@ -252,19 +266,44 @@ class _Lane:
                     f"{error} (check the key in {engine._job.key_env(self.tenant)}, or the "
                     f"account's payment status; then run `runner resume {engine._run_id}`)"
                 )
-                self._finish(Outcome(request.seq, Status.DEFERRED, attempt, error=self.refused))
-                return
+                break
             except RequestRejected as error:
-                self._finish(Outcome(request.seq, Status.FAILED, attempt, error=str(error)))
+                self._end(request, Status.FAILED, attempt, str(error), reserved)
                 return
             except Retryable as error:
-                if await self._retry(request, attempt, error):
+                if await self._retry(request, attempt, error, reserved):
                     continue
                 return
-            self._succeed(request, attempt, reply)
+            self._succeed(request, attempt, reply, reserved, worst)
             return
+        if self.refused and not engine.stopping:
+            self._end(request, Status.DEFERRED, attempt, self.refused, reserved)
+        # On a stop the row stays pending or sent, its reservation held: resume
+        # releases it and sends the row again.
 
-    async def _retry(self, request: PendingRequest, attempt: int, error: Retryable) -> bool:
+    async def _reserve(self, request: PendingRequest, worst: int) -> tuple[bool, Entry | None]:
+        """Reserve the worst case against the cap: (admitted, reservation). A refusal
+        while this lane has reservations in flight waits for one to settle and tries
+        again; with none in flight, the budget is exhausted and the lane stops."""
+        reservation = self.budget.reservation(request.seq, request.model, worst)
+        if reservation is None or self.budget.cap_micros is None:
+            return self._active(), None
+        while self._active():
+            refused = await self._engine._checkpointer.reserve(
+                request.seq, reservation, self.budget.cap_micros
+            )
+            if refused is None:
+                self._reserved += 1
+                return True, reservation
+            if self._reserved == 0:
+                self._refuse(str(self.budget.exhausted(refused, worst)))
+                break
+            await self._wait(self._settled.wait())
+        return False, None
+
+    async def _retry(
+        self, request: PendingRequest, attempt: int, error: Retryable, reserved: Entry | None
+    ) -> bool:
         """Record a failed attempt and wait before the next one; False when no
         attempt is left (the row failed) or the lane stopped meanwhile."""
         engine = self._engine
@@ -273,41 +312,47 @@ class _Lane:
         )
         if attempt >= self._policy.max_attempts:
             text = f"{error} (gave up after {attempt} attempts)"
-            self._finish(Outcome(request.seq, Status.FAILED, attempt, error=text))
+            self._end(request, Status.FAILED, attempt, text, reserved)
             return False
         if isinstance(error, RateLimited):
             self.limiter.pause(self._policy.wait_after(attempt, error.retry_after, self._rng))
             return self._active()
         return await self._wait(anyio.sleep(self._policy.backoff(attempt, self._rng)))
 
-    def _succeed(self, request: PendingRequest, attempt: int, reply: Reply) -> None:
-        engine = self._engine
-        cost = None if reply.usage is None else engine._prices[request.model].cost(reply.usage)
-        self._finish(
-            Outcome(
-                request.seq,
-                Status.DONE,
-                attempt,
-                response=reply.content,
-                finish_reason=reply.finish_reason,
-                usage=reply.usage,
-                cost_micros=cost,
-                latency_ms=reply.latency_ms,
-                error=None if reply.usage else "the provider sent no usage: cost unknown",
-                raw_body=reply.body.decode("utf-8", "replace")
-                if engine._settings.keep_raw_body
-                else None,
-            ),
-            charge=None
-            if cost is None
-            else (self.tenant, _period(), request.model, request.seq, cost),
+    def _succeed(
+        self, request: PendingRequest, attempt: int, reply: Reply, reserved: Entry | None,
+        worst: int,
+    ) -> None:  # fmt: skip
+        cost, entries = self.budget.settle(
+            reserved, seq=request.seq, model=request.model, usage=reply.usage, worst_micros=worst
         )
+        keep_body = self._engine._settings.keep_raw_body
+        outcome = Outcome(
+            request.seq,
+            Status.DONE,
+            attempt,
+            response=reply.content,
+            finish_reason=reply.finish_reason,
+            usage=reply.usage,
+            cost_micros=cost,
+            latency_ms=reply.latency_ms,
+            error=None if reply.usage else "the provider sent no usage: cost unknown",
+            raw_body=reply.body.decode("utf-8", "replace") if keep_body else None,
+        )
+        self._finish(outcome, entries, settled=reserved is not None)
 
-    def _finish(self, outcome: Outcome, charge: Charge | None = None) -> None:
-        self._engine._checkpointer.finish(outcome, charge)
+    def _end(
+        self, request: PendingRequest, status: Status, attempt: int, error: str,
+        reserved: Entry | None,
+    ) -> None:  # fmt: skip
+        """An outcome without a response: its reservation is released."""
+        outcome = Outcome(request.seq, status, attempt, error=error)
+        self._finish(outcome, self.budget.release(reserved), settled=reserved is not None)
+
+    def _finish(self, outcome: Outcome, entries: list[Entry], *, settled: bool) -> None:
+        self._engine._checkpointer.finish(outcome, entries)
         self.finished_counts[outcome.status] = self.finished_counts.get(outcome.status, 0) + 1
-
-
-def _period() -> str:
-    """The ledger period of a charge made now: the UTC calendar month."""
-    return datetime.now(UTC).strftime("%Y-%m")
+        if settled:
+            self._reserved -= 1
+            self._settled.set()
+            self._settled = anyio.Event()

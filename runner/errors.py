@@ -39,15 +39,18 @@ class StateError(RunnerError):
 class BudgetExhausted(RunnerError):
     """Sending would take a tenant past its spend cap for the period."""
 
-    def __init__(self, tenant: str, *, cap_micros: int, spent_micros: int, period: str) -> None:
+    def __init__(
+        self, tenant: str, *, cap_micros: int, spent_micros: int, needed_micros: int, period: str
+    ) -> None:
         self.tenant = tenant
         self.cap_micros = cap_micros
         self.spent_micros = spent_micros
         self.period = period
         super().__init__(
-            f"tenant {tenant!r}: budget exhausted for {period}: spent "
-            f"${spent_micros / 1e6:.6f} of ${cap_micros / 1e6:.2f}; "
-            f"top up with `runner topup {tenant} AMOUNT --reason ...` and resume"
+            f"tenant {tenant!r}: budget exhausted for {period}: spent ${spent_micros / 1e6:.6f} "
+            f"of ${cap_micros / 1e6:.6f}; the next request may cost up to "
+            f"${needed_micros / 1e6:.6f}; top up with `runner topup {tenant} AMOUNT "
+            f"--reason TEXT --period {period}`, then resume the run"
         )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from importlib import resources
 
 from runner.records import Usage
@@ -41,6 +41,15 @@ class Price:
     input: int
     cached_input: int
     output: int
+
+    def scaled(self, multiplier: Decimal) -> Price:
+        """This price times `multiplier`, rounded half-up to whole micro-dollars per
+        million tokens."""
+
+        def scale(micros: int) -> int:
+            return int((micros * multiplier).to_integral_value(ROUND_HALF_UP))
+
+        return Price(scale(self.input), scale(self.cached_input), scale(self.output))
 
     def cost(self, usage: Usage) -> int:
         """Cost of a response's usage: cached prompt tokens at the cached price,

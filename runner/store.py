@@ -1,16 +1,16 @@
 """The SQLite state database: runs, request rows, failed attempts, carried
 columns and the money ledger.
 
-One synchronous writer, WAL mode, short transactions. The store is the only
-module that speaks SQL; no bare `sqlite3` error leaves it. Its contract with the
-engine:
+One synchronous writer, WAL mode, short transactions. The store and `ledger.py`
+(which it calls inside its transactions) are the only modules that speak SQL; no
+bare `sqlite3` error leaves the store. Its contract with the engine:
 
 - a request is marked `sent` (attempt counted) in a committed transaction before
   its bytes leave, so after a crash every `sent` row is known to be in flight
   and is re-sent on resume with its `resends` counter raised;
-- outcomes are committed in batches (`checkpoint`), each charge with its ledger
-  row in the same transaction, so the ledger always equals the sum of the
-  `done` rows' costs.
+- outcomes are committed in batches (`checkpoint`), each with its ledger
+  entries in the same transaction, so the ledger always equals the sum of the
+  `done` rows' costs, and a budget reservation is checked and made atomically.
 
 `synchronous=NORMAL` in WAL mode survives a killed process (SIGKILL) without loss:
 only a power cut can drop the last commits, which then look like work in flight.
@@ -31,7 +31,9 @@ import pyarrow as pa
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
+from runner import ledger
 from runner.errors import StateError
+from runner.ledger import Balance, Entry, Kind
 from runner.records import Outcome, Rejection, Request
 
 migrations = Migrations("runner")
@@ -76,6 +78,8 @@ def m001_initial(db: Database) -> None:
             latency_ms INTEGER,
             error TEXT,
             raw_body TEXT,                -- kept for OpenAI-batch output only
+            reserved_micros INTEGER,      -- the budget reservation while sent
+            reserved_period TEXT,
             PRIMARY KEY (run_id, seq)
         );
         CREATE INDEX requests_lane ON requests(run_id, tenant, status, seq);
@@ -97,20 +101,8 @@ def m001_initial(db: Database) -> None:
             data BLOB NOT NULL,
             PRIMARY KEY (run_id, first_seq)
         );
-        CREATE TABLE ledger (
-            id INTEGER PRIMARY KEY,
-            tenant TEXT NOT NULL,
-            period TEXT NOT NULL,         -- YYYY-MM (UTC)
-            kind TEXT NOT NULL,           -- charge, topup
-            amount_micros INTEGER NOT NULL,
-            model TEXT,
-            run_id TEXT,
-            seq INTEGER,
-            reason TEXT,
-            at TEXT NOT NULL
-        );
-        CREATE INDEX ledger_tenant_period ON ledger(tenant, period);
         """
+        + ledger.CREATE_TABLES
     )
 
 
@@ -135,8 +127,13 @@ class PendingRequest:
     seq: int
     model: str
     body: str
-    tpm_cost: int
+    prompt_estimate: int
+    max_tokens: int
     attempts: int
+
+    @property
+    def tpm_cost(self) -> int:
+        return self.prompt_estimate + self.max_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +151,17 @@ class TenantCounts:
     @property
     def total(self) -> int:
         return sum(self.by_status.values())
+
+
+@dataclass(frozen=True, slots=True)
+class SendMark:
+    """A request about to be sent (`attempt` set: mark it `sent`), or about to be
+    admitted (`reservation` set: reserve its worst case against `cap_micros`)."""
+
+    seq: int
+    attempt: int | None = None
+    reservation: Entry | None = None
+    cap_micros: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,9 +329,24 @@ class Store:
 
     def requeue(self, run_id: str) -> int:
         """Prepare a (re)started run: rows left `sent` by a crash were in flight
-        and are re-sent (counted in `resends`); `deferred` rows get another chance.
-        Returns how many rows were in flight."""
+        and are re-sent (counted in `resends`), their reservations released;
+        `deferred` rows get another chance. Returns how many rows were in flight."""
         with self._write():
+            held = self.db.execute(
+                "SELECT seq, tenant, model, reserved_period, reserved_micros FROM requests"
+                " WHERE run_id = ? AND reserved_micros IS NOT NULL",
+                [run_id],
+            ).fetchall()
+            releases = [
+                Entry(tenant, period, Kind.RELEASE, micros, model, run_id, seq)
+                for seq, tenant, model, period, micros in held
+            ]
+            ledger.record(self.db.conn, releases, utc_now())
+            self.db.execute(
+                "UPDATE requests SET reserved_micros = NULL, reserved_period = NULL"
+                " WHERE run_id = ? AND reserved_micros IS NOT NULL",
+                [run_id],
+            )
             in_flight = self.db.execute(
                 "UPDATE requests SET status = 'pending', resends = resends + 1"
                 " WHERE run_id = ? AND status = 'sent'",
@@ -349,7 +372,7 @@ class Store:
         self, run_id: str, tenant: str, *, after_seq: int, limit: int
     ) -> list[PendingRequest]:
         rows = self.db.execute(
-            "SELECT seq, model, body, prompt_estimate + max_tokens, attempts FROM requests"
+            "SELECT seq, model, body, prompt_estimate, max_tokens, attempts FROM requests"
             " WHERE run_id = ? AND tenant = ? AND status = 'pending' AND seq > ?"
             " ORDER BY seq LIMIT ?",
             [run_id, tenant, after_seq, limit],
@@ -360,24 +383,25 @@ class Store:
         self,
         run_id: str,
         *,
-        sent: Iterable[tuple[int, int]] = (),
+        sends: Sequence[SendMark] = (),
         outcomes: Iterable[Outcome] = (),
         failures: Iterable[FailedAttempt] = (),
-        charges: Iterable[tuple[str, str, str, int, int]] = (),
-    ) -> None:
-        """One transaction: `sent` marks as (seq, attempt), outcomes, failed
-        attempts, and ledger charges as (tenant, period, model, seq, micros)."""
+        entries: Iterable[Entry] = (),
+    ) -> dict[int, Balance]:
+        """One transaction: rows about to be sent, outcomes, failed attempts and
+        ledger entries. A send whose reservation does not fit its tenant's
+        available budget is refused (not marked); the refused are returned with
+        the balance that refused them."""
         now = utc_now()
+        refused: dict[int, Balance] = {}
         with self._write():
             conn = self.db.conn
-            conn.executemany(
-                "UPDATE requests SET status = 'sent', attempts = ? WHERE run_id = ? AND seq = ?",
-                [(attempt, run_id, seq) for seq, attempt in sent],
-            )
+            # Settle first, so budget released by this batch is there for its sends.
             conn.executemany(
                 "UPDATE requests SET status = ?, attempts = ?, response = ?, finish_reason = ?,"
                 " prompt_tokens = ?, cached_tokens = ?, completion_tokens = ?,"
-                " reasoning_tokens = ?, cost_micros = ?, latency_ms = ?, error = ?, raw_body = ?"
+                " reasoning_tokens = ?, cost_micros = ?, latency_ms = ?, error = ?, raw_body = ?,"
+                " reserved_micros = NULL, reserved_period = NULL"
                 " WHERE run_id = ? AND seq = ?",
                 [(*_outcome_values(outcome), run_id, outcome.seq) for outcome in outcomes],
             )
@@ -386,14 +410,39 @@ class Store:
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 [(run_id, f.seq, f.attempt, now, f.http_status, f.error) for f in failures],
             )
-            conn.executemany(
-                "INSERT INTO ledger (tenant, period, kind, amount_micros, model, run_id, seq, at)"
-                " VALUES (?, ?, 'charge', ?, ?, ?, ?, ?)",
-                [
-                    (tenant, period, micros, model, run_id, seq, now)
-                    for tenant, period, model, seq, micros in charges
-                ],
-            )
+            ledger.record(conn, entries, now)
+            for mark in sends:
+                reservation = mark.reservation
+                if reservation is not None:
+                    current = ledger.balance(conn, reservation.tenant, reservation.period)
+                    if current.available_micros(mark.cap_micros) < reservation.amount_micros:
+                        refused[mark.seq] = current
+                        continue
+                    ledger.record(conn, [reservation], now)
+                    conn.execute(
+                        "UPDATE requests SET reserved_micros = ?, reserved_period = ?"
+                        " WHERE run_id = ? AND seq = ?",
+                        (reservation.amount_micros, reservation.period, run_id, mark.seq),
+                    )
+                if mark.attempt is not None:
+                    conn.execute(
+                        "UPDATE requests SET status = 'sent', attempts = ?"
+                        " WHERE run_id = ? AND seq = ?",
+                        (mark.attempt, run_id, mark.seq),
+                    )
+        return refused
+
+    def balance(self, tenant: str, period: str) -> Balance:
+        return ledger.balance(self.db.conn, tenant, period)
+
+    def add_entries(self, entries: Iterable[Entry]) -> None:
+        """Ledger entries outside a run (top-ups)."""
+        with self._write():
+            ledger.record(self.db.conn, entries, utc_now())
+
+    def record_alert(self, balance: Balance, threshold: int, cap_micros: int) -> bool:
+        with self._write():
+            return ledger.record_alert(self.db.conn, balance, threshold, cap_micros, utc_now())
 
     def defer_tenant(self, run_id: str, tenant: str, reason: str) -> int:
         """Every row of `tenant` not yet sent is deferred with `reason`."""
@@ -449,6 +498,7 @@ class Store:
             first_seq = page[-1][0] + 1
 
     def ledger_total(self, run_id: str) -> int:
+        """The run's charges: equal, by construction, to the sum of its rows' costs."""
         (total,) = self.db.execute(
             "SELECT TOTAL(amount_micros) FROM ledger WHERE run_id = ? AND kind = 'charge'",
             [run_id],
@@ -457,11 +507,21 @@ class Store:
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
-        """A transaction; a locked or broken database becomes a `StateError`."""
+        """An IMMEDIATE transaction: it takes the write lock first, so a balance it
+        reads cannot change before it writes, even with other processes. A locked
+        or broken database becomes a `StateError`."""
+        conn = self.db.conn
         try:
-            with self.db.atomic():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
                 yield
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
         except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise StateError(f"{self.path}: {exc}") from None
 
 

@@ -2,7 +2,8 @@
 it may be sent.
 
 A row is rejected (and the rest of the file runs) when it is malformed, names an
-unknown tenant, or could never fit its tenant's TPM limit. A model that has no
+unknown tenant, asks for a model outside its tenant's `allowed_models`, or could
+never fit its tenant's TPM limit. A model that has no
 price is different: it is a `ConfigError` for the whole submit, because the run
 could not account for its money (a price of zero is never assumed).
 """
@@ -50,6 +51,12 @@ class Validator:
                 raise _Bad("no tenant: the row has none and the job sets no default_tenant")
             if tenant not in self._job.tenants:
                 raise _Bad(f"unknown tenant {tenant!r} (known: {_some(self._job.tenants)})")
+            allowed = self._job.tenants[tenant].allowed_models
+            if allowed is not None and model not in allowed:
+                raise _Bad(
+                    f"model {model!r} is not allowed for tenant {tenant!r} "
+                    f"(allowed: {', '.join(allowed) or 'none'})"
+                )
             if model not in self._prices:
                 raise ConfigError(
                     f"{row.where}: model {model!r} has no price; add "

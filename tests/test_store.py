@@ -9,8 +9,9 @@ import pyarrow as pa
 import pytest
 
 from runner.errors import StateError
+from runner.ledger import Entry, Kind
 from runner.records import Outcome, Rejection, Request, Status, Usage
-from runner.store import FailedAttempt, Store
+from runner.store import FailedAttempt, SendMark, Store
 
 
 def request(seq: int, row_id: str, tenant: str = "acme") -> Request:
@@ -59,7 +60,7 @@ def test_lanes_page_pending_rows_in_input_order(store: Store) -> None:
 
 
 def test_requeue_resends_what_was_in_flight_and_retries_deferred(store: Store) -> None:
-    store.checkpoint("r", sent=[(0, 1), (1, 1)])
+    store.checkpoint("r", sends=[SendMark(0, 1), SendMark(1, 1)])
     store.defer_tenant("r", "acme", "no key")
     assert statuses(store)[2] == "deferred" and statuses(store)[0] == "sent"
     assert store.requeue("r") == 2
@@ -78,13 +79,13 @@ def test_a_checkpoint_commits_outcomes_failures_and_charges_together(store: Stor
     usage = Usage(prompt_tokens=8, completion_tokens=5, cached_tokens=2)
     store.checkpoint(
         "r",
-        sent=[(0, 2)],
+        sends=[SendMark(2, 1)],
         outcomes=[Outcome(0, Status.DONE, 2, response="hi", usage=usage, cost_micros=17)],
         failures=[FailedAttempt(0, 1, 503, "HTTP 503")],
-        charges=[("acme", "2026-12", "m", 0, 17)],
+        entries=[Entry("acme", "2026-12", Kind.CHARGE, 17, "m", "r", 0)],
     )
     (acme,) = [counts for counts in store.counts("r") if counts.tenant == "acme"]
-    assert acme.by_status == {"done": 1, "pending": 2, "rejected": 1}
+    assert acme.by_status == {"done": 1, "sent": 1, "pending": 1, "rejected": 1}
     assert (acme.prompt_tokens, acme.cached_tokens, acme.completion_tokens) == (8, 2, 5)
     assert acme.cost_micros == store.ledger_total("r") == 17
     assert store.db.execute("SELECT attempt, http_status FROM attempts").fetchall() == [(1, 503)]

@@ -91,10 +91,10 @@ def test_a_row_a_reader_could_not_parse_is_rejected_with_the_readers_reason(job:
 
 
 def test_a_row_that_could_never_fit_its_tenants_tpm_is_rejected(job: Job) -> None:
-    rejection = check(job, {"prompt": "word " * 400, "max_tokens": 500})
+    rejection = check(job, {"prompt": "word " * 600, "max_tokens": 500})
     assert isinstance(rejection, Rejection)
     assert "but tenant 'acme' allows 1000 per minute" in rejection.error
-    assert isinstance(check(job, {"prompt": "word " * 400, "tenant": "globex"}), Request)
+    assert isinstance(check(job, {"prompt": "word " * 600, "tenant": "globex"}), Request)
 
 
 def test_an_unpriced_model_refuses_the_whole_submit_naming_model_and_row(job: Job) -> None:
