@@ -21,6 +21,8 @@ import anyio
 
 from runner.config import Job, load_job
 from runner.engine import EngineSettings
+from runner.errors import StateError
+from runner.locks import RunLock
 from runner.runs import ProgressCallback, batch_output_paths, execute, register
 from runner.store import RunInfo, Store, TenantCounts
 
@@ -39,6 +41,7 @@ class RunResult:
     outputs: tuple[Path, ...]
     interrupted: bool
     requeued: int
+    problems: tuple[tuple[str, str, str, int], ...] = ()  # tenant, status, error, rows
 
     @property
     def counts(self) -> dict[str, int]:
@@ -80,29 +83,35 @@ async def run_job_async(
     run_id: str | None = None,
     state: Path | str | None = None,
     strict: bool = False,
+    retry_failed: bool = False,
     on_progress: ProgressCallback | None = None,
     environ: Mapping[str, str] | None = None,
     handle_signals: bool = False,
     settings: EngineSettings | None = None,
 ) -> RunResult:
     """Submit a job (a path to its TOML file, or a loaded `Job`) and run it to the
-    end. An existing `run_id` is resumed instead; its recorded job is used."""
+    end. An existing `run_id` is continued instead, with this job's provider,
+    tenants and prices (its rows stay as registered; its input must not change)."""
     environ = os.environ if environ is None else environ
     spec = job if isinstance(job, Job) else load_job(job)
     if state is None and spec.job.state is not None and not environ.get(STATE_VARIABLE):
         state = spec.job.state
     store = Store(state_path(state, environ))
+    run_id = run_id or default_run_id(spec)
     try:
-        run_id = run_id or default_run_id(spec)
-        info = store.run(run_id)
-        if info is not None and info.phase == "registering":
-            store.delete_run(run_id)  # a submit killed while registering: start it again
-            info = None
-        if info is None:
-            register(store, run_id, spec, strict=strict)
-        else:
-            spec = Job.from_json(info.job_json)
-        return await _execute(store, run_id, spec, environ, on_progress, handle_signals, settings)
+        with RunLock(store.path, run_id):
+            info = store.run(run_id)
+            if info is not None and info.phase == "registering":
+                store.delete_run(run_id)  # a submit killed while registering: start again
+                info = None
+            if info is None:
+                register(store, run_id, spec, strict=strict)
+            else:
+                _check_same_input(info, spec)
+                store.update_job(run_id, spec.to_json())
+            return await _execute(
+                store, run_id, spec, environ, on_progress, handle_signals, settings, retry_failed
+            )
     finally:
         store.close()
 
@@ -111,21 +120,39 @@ async def resume_async(
     run_id: str,
     *,
     state: Path | str | None = None,
+    retry_failed: bool = False,
     on_progress: ProgressCallback | None = None,
     environ: Mapping[str, str] | None = None,
     handle_signals: bool = False,
     settings: EngineSettings | None = None,
 ) -> RunResult:
-    """Resume a run by id: resend what was in flight, retry what was deferred,
-    send what is pending, and rewrite the outputs."""
+    """Resume a run by id with the job it recorded: resend what was in flight,
+    retry what was deferred (and failed, with `retry_failed`), send what is
+    pending, and rewrite the outputs."""
     environ = os.environ if environ is None else environ
-    store = Store(state_path(state, environ))
+    store = Store(state_path(state, environ), create=False)
     try:
-        info = store.require_run(run_id)
-        spec = Job.from_json(info.job_json)
-        return await _execute(store, run_id, spec, environ, on_progress, handle_signals, settings)
+        with RunLock(store.path, run_id):
+            info = store.require_run(run_id)
+            if info.phase == "registering":
+                raise StateError(
+                    f"run {run_id!r} was stopped while registering its input, before anything "
+                    f"was sent; submit it again: runner submit JOB.toml --run-id {run_id}"
+                )
+            spec = Job.from_json(info.job_json)
+            return await _execute(
+                store, run_id, spec, environ, on_progress, handle_signals, settings, retry_failed
+            )
     finally:
         store.close()
+
+
+def _check_same_input(info: RunInfo, job: Job) -> None:
+    if Path(info.input_path) != job.job.input:
+        raise StateError(
+            f"run {info.run_id!r} was registered from {info.input_path}, not {job.job.input}; "
+            "use another --run-id for another input"
+        )
 
 
 async def _execute(
@@ -136,15 +163,17 @@ async def _execute(
     on_progress: ProgressCallback | None,
     handle_signals: bool,
     settings: EngineSettings | None,
+    retry_failed: bool,
 ) -> RunResult:
     execution = await execute(
         store, run_id, job, environ=environ, on_progress=on_progress,
-        handle_signals=handle_signals, settings=settings,
+        handle_signals=handle_signals, settings=settings, retry_failed=retry_failed,
     )  # fmt: skip
+    info = store.require_run(run_id)
     outputs: tuple[Path, ...] = ()
     if not execution.interrupted:
-        output = Path(store.require_run(run_id).output_path)
-        is_batch = store.require_run(run_id).input_format == "openai_batch"
+        output = Path(info.output_path)
+        is_batch = info.input_format == "openai_batch"
         outputs = (output, *batch_output_paths(output)) if is_batch else (output,)
     return RunResult(
         run_id=run_id,
@@ -153,6 +182,7 @@ async def _execute(
         outputs=outputs,
         interrupted=execution.interrupted,
         requeued=execution.requeued,
+        problems=tuple(store.problems(run_id)),
     )
 
 
@@ -162,14 +192,17 @@ def run_job(
     run_id: str | None = None,
     state: Path | str | None = None,
     strict: bool = False,
+    retry_failed: bool = False,
     on_progress: ProgressCallback | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> RunResult:
-    """Synchronous `run_job_async`; safe to call from inside a running event loop."""
+    """Synchronous `run_job_async`. Called inside a running event loop it runs in
+    a worker thread and blocks the caller until done; async code should await
+    `run_job_async` instead."""
     return _run_sync(
         lambda: run_job_async(
-            job, run_id=run_id, state=state, strict=strict, on_progress=on_progress,
-            environ=environ,
+            job, run_id=run_id, state=state, strict=strict, retry_failed=retry_failed,
+            on_progress=on_progress, environ=environ,
         )
     )  # fmt: skip
 
@@ -178,20 +211,24 @@ def resume(
     run_id: str,
     *,
     state: Path | str | None = None,
+    retry_failed: bool = False,
     on_progress: ProgressCallback | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> RunResult:
-    """Synchronous `resume_async`; safe to call from inside a running event loop."""
+    """Synchronous `resume_async` (see `run_job` for use inside an event loop)."""
     return _run_sync(
-        lambda: resume_async(run_id, state=state, on_progress=on_progress, environ=environ)
-    )
+        lambda: resume_async(
+            run_id, state=state, retry_failed=retry_failed, on_progress=on_progress,
+            environ=environ,
+        )
+    )  # fmt: skip
 
 
 def status(
     run_id: str | None = None, *, state: Path | str | None = None
 ) -> list[tuple[RunInfo, list[TenantCounts]]]:
     """Each run (or the one named) with its per-tenant counts, tokens and cost."""
-    store = Store(state_path(state))
+    store = Store(state_path(state), create=False)
     try:
         runs = [store.require_run(run_id)] if run_id else store.runs()
         return [(info, store.counts(info.run_id)) for info in runs]

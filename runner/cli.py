@@ -5,6 +5,7 @@ Exit codes a scheduler can act on:
   0    every row done
   3    finished, with failed, rejected or deferred rows
   2    bad config or input, or unusable state (nothing was sent)
+  4    the run is already running in another process
   130  interrupted (resumable with `runner resume RUN`)
 """
 
@@ -12,8 +13,9 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,11 +23,13 @@ import anyio
 import click
 
 from runner import api
-from runner.errors import RunnerError
+from runner.errors import RunLocked, RunnerError
+from runner.pricing import micros_to_usd
 from runner.progress import ProgressDisplay, print_table, summary_table
+from runner.records import Status
 from runner.simulator import SimulatorConfig, serve
 
-EXIT_OK, EXIT_UNFINISHED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 3, 2, 130
+EXIT_OK, EXIT_UNFINISHED, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 3, 2, 4, 130
 F = TypeVar("F", bound=Callable[..., Any])
 
 _state_option = click.option(
@@ -41,8 +45,12 @@ def _exits(command: F) -> F:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _log_to_stderr()
         try:
             return command(*args, **kwargs)
+        except RunLocked as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(EXIT_LOCKED)
         except RunnerError as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(EXIT_BAD_INPUT)
@@ -59,41 +67,46 @@ def main() -> None:
     """Multi-tenant batch inference against OpenAI-compatible endpoints."""
 
 
+_retry_failed_option = click.option(
+    "--retry-failed", is_flag=True, help="Send failed rows again too (deferred ones always are)."
+)
+
+
 @main.command()
 @click.argument("job", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--run-id", help="Run id (default: JOB-NAME-<UTC time>); an existing id resumes.")
+@click.option("--run-id", help="Run id (default: JOB-NAME-<UTC time>); an existing id continues.")
 @click.option("--strict", is_flag=True, help="Refuse the whole file if any row is rejected.")
+@_retry_failed_option
 @_state_option
 @_exits
-def submit(job: Path, run_id: str | None, strict: bool, state: Path | None) -> None:
+def submit(
+    job: Path, run_id: str | None, strict: bool, retry_failed: bool, state: Path | None
+) -> None:
     """Register JOB's input and run it to the end."""
-    display = ProgressDisplay()
-    try:
-        result = anyio.run(
-            functools.partial(
-                api.run_job_async, job, run_id=run_id, state=state, strict=strict,
-                on_progress=display.update, handle_signals=True,
-            )
-        )  # fmt: skip
-    finally:
-        display.close()
-    _finish(result)
+    _run(
+        functools.partial(
+            api.run_job_async, job, run_id=run_id, state=state, strict=strict,
+            retry_failed=retry_failed,
+        )
+    )  # fmt: skip
 
 
 @main.command()
 @click.argument("run_id")
+@_retry_failed_option
 @_state_option
 @_exits
-def resume(run_id: str, state: Path | None) -> None:
-    """Resume RUN_ID: resend what was in flight, retry what was deferred."""
+def resume(run_id: str, retry_failed: bool, state: Path | None) -> None:
+    """Continue RUN_ID: resend what was in flight, retry what was deferred."""
+    _run(functools.partial(api.resume_async, run_id, state=state, retry_failed=retry_failed))
+
+
+def _run(start: Callable[..., Awaitable[api.RunResult]]) -> None:
     display = ProgressDisplay()
     try:
         result = anyio.run(
-            functools.partial(
-                api.resume_async, run_id, state=state, on_progress=display.update,
-                handle_signals=True,
-            )
-        )  # fmt: skip
+            functools.partial(start, on_progress=display.update, handle_signals=True)
+        )
     finally:
         display.close()
     _finish(result)
@@ -101,20 +114,33 @@ def resume(run_id: str, state: Path | None) -> None:
 
 def _finish(result: api.RunResult) -> None:
     print_table(summary_table(f"run {result.run_id}", result.tenants))
+    for tenant, status, error, rows in result.problems:
+        click.echo(f"{tenant}: {rows} {status}: {error}")
     if result.requeued:
         click.echo(f"re-sent {result.requeued} request(s) that were in flight when the run stopped")
+    click.echo(f"state: {result.state}")
     resume_hint = f"runner resume {result.run_id} --state {result.state}"
+    counts = result.counts
     if result.interrupted:
         click.echo(f"interrupted; nothing is lost. Resume with: {resume_hint}", err=True)
     else:
         for path in result.outputs:
             click.echo(f"output: {path}")
-        if result.exit_code == EXIT_UNFINISHED:
-            click.echo(
-                "some rows did not finish as done (see the status and error columns); "
-                f"deferred rows are sent again by: {resume_hint}"
-            )
+        if counts.get("deferred"):
+            click.echo(f"deferred rows are sent again by: {resume_hint}")
+        if counts.get("failed"):
+            click.echo(f"failed rows are sent again by: {resume_hint} --retry-failed")
     sys.exit(result.exit_code)
+
+
+def _log_to_stderr() -> None:
+    """Warnings and alerts of the `runner` logger, one plain line each."""
+    logger = logging.getLogger("runner")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 @main.command()
@@ -129,12 +155,14 @@ def status(run_id: str | None, as_json: bool, state: Path | None) -> None:
         payload = [
             {
                 "run_id": info.run_id, "job": info.job_name, "phase": info.phase,
-                "rows": info.rows, "created_at": info.created_at,
+                "rows": info.rows, "created_at": info.created_at, "updated_at": info.updated_at,
                 "tenants": [
-                    {"tenant": t.tenant, "by_status": t.by_status,
+                    {"tenant": t.tenant,
+                     "by_status": {status.value: t.by_status.get(status.value, 0)
+                                   for status in Status},
                      "prompt_tokens": t.prompt_tokens, "cached_tokens": t.cached_tokens,
                      "completion_tokens": t.completion_tokens, "cost_micros": t.cost_micros,
-                     "resends": t.resends}
+                     "cost_usd": micros_to_usd(t.cost_micros), "resends": t.resends}
                     for t in tenants
                 ],
             }

@@ -26,15 +26,29 @@ _TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Strict: `rpm = "600"` or `rpm = true` is an error, not a silent conversion;
+    inf and nan are refused wherever a number is expected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+FilePath = Annotated[Path, Field(strict=False)]
+Usd = Annotated[Decimal, Field(strict=False, ge=0, decimal_places=6)]
 
 
 class JobSection(_Section):
     name: Annotated[str, Field(min_length=1)]
-    input: Path
-    output: Path
-    state: Path | None = None
+    input: FilePath
+    output: FilePath
+    state: FilePath | None = None
     default_tenant: str | None = None
+
+    @field_validator("output")
+    @classmethod
+    def _check_output(cls, value: Path) -> Path:
+        if value.suffix != ".parquet":
+            raise ValueError("the output is a Parquet file: its name must end in .parquet")
+        return value
 
 
 class InputMapping(_Section):
@@ -80,7 +94,7 @@ class ProviderConfig(_Section):
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 6
     backoff_base_s: Annotated[float, Field(gt=0)] = 0.5
     max_backoff_s: Annotated[float, Field(gt=0)] = 30.0
-    price_multiplier: Annotated[Decimal, Field(gt=0, le=100)] = Decimal(1)
+    price_multiplier: Annotated[Decimal, Field(strict=False, gt=0, le=100)] = Decimal(1)
 
     @field_validator("base_url")
     @classmethod
@@ -93,9 +107,9 @@ class ProviderConfig(_Section):
 class PriceEntry(_Section):
     """USD per million tokens, as a user writes it."""
 
-    input: Annotated[Decimal, Field(ge=0, decimal_places=6)]
-    cached_input: Annotated[Decimal, Field(ge=0, decimal_places=6)] | None = None
-    output: Annotated[Decimal, Field(ge=0, decimal_places=6)]
+    input: Usd
+    cached_input: Usd | None = None
+    output: Usd
 
 
 BudgetPeriod = Literal["month", "day", "total"]
@@ -112,7 +126,7 @@ class Tenant(_Section):
     rpm: Annotated[int, Field(gt=0)] = 60
     tpm: Annotated[int, Field(gt=0)] = 100_000
     max_parallel: Annotated[int, Field(gt=0, le=10_000)] = 8
-    monthly_budget_usd: Annotated[Decimal, Field(ge=0, decimal_places=6)] | None = None
+    monthly_budget_usd: Usd | None = None
     budget_period: BudgetPeriod = "month"
     allowed_models: list[str] | None = None
     alert_thresholds: list[Annotated[int, Field(gt=0, le=1000)]] = [50, 80, 100]

@@ -39,7 +39,7 @@ from runner.pricing import Price
 from runner.provider import ProviderClient
 from runner.records import Outcome, Reply, Status
 from runner.retry import RetryPolicy
-from runner.secrets import Secret, missing_key_message
+from runner.secrets import Secret
 from runner.store import FailedAttempt, PendingRequest, Store
 
 PAGE_ROWS = 512
@@ -78,7 +78,7 @@ class Engine:
         run_id: str,
         job: Job,
         *,
-        keys: Mapping[str, Secret | None],
+        keys: Mapping[str, Secret | str],
         client: ProviderClient,
         prices: Mapping[str, Price],
         settings: EngineSettings = EngineSettings(),
@@ -168,6 +168,8 @@ class _Lane:
             window_s=engine._settings.window_s,
             margin_s=engine._settings.margin_s,
         )
+        span = engine._settings.window_s + engine._settings.margin_s
+        self.limiter.remember(engine._store.recent_sends(tenant, within_s=span))
         self.budget = BudgetGuard(tenant, config, engine._prices, engine._run_id)
         self._reserved = 0  # reservations of this lane not yet settled
         self._settled = anyio.Event()  # set (and replaced) whenever one settles
@@ -183,8 +185,8 @@ class _Lane:
         )  # fmt: skip
 
     async def run(self) -> None:
-        if self._key is None:
-            self.refused = missing_key_message(self._engine._job, self.tenant)
+        if isinstance(self._key, str):
+            self.refused = self._key  # why the tenant has no usable key
             return
         workers = self._engine._job.tenants[self.tenant].max_parallel
         send, receive = anyio.create_memory_object_stream[PendingRequest](workers)
@@ -249,7 +251,7 @@ class _Lane:
         engine = self._engine
         worst = self.budget.worst_case(request.model, request.prompt_estimate, request.max_tokens)
         admitted, reserved = await self._reserve(request, worst)
-        attempt = request.attempts
+        attempt = first = request.attempts  # attempts count across runs; the limit per run
         while admitted and await self._wait(self.limiter.acquire(request.tpm_cost)):
             attempt += 1
             await engine._checkpointer.mark_sent(request.seq, attempt)
@@ -258,7 +260,7 @@ class _Lane:
                     reply = await engine._client.send(
                         request.body.encode(),
                         tenant=self.tenant,
-                        key=self._key,
+                        key=self._key if isinstance(self._key, Secret) else None,
                         request_id=f"{quote(engine._run_id, safe='')}:{request.seq}",
                     )
             except TenantRefused as error:
@@ -271,7 +273,7 @@ class _Lane:
                 self._end(request, Status.FAILED, attempt, str(error), reserved)
                 return
             except Retryable as error:
-                if await self._retry(request, attempt, error, reserved):
+                if await self._retry(request, attempt, attempt - first, error, reserved):
                     continue
                 return
             self._succeed(request, attempt, reply, reserved, worst)
@@ -302,22 +304,23 @@ class _Lane:
         return False, None
 
     async def _retry(
-        self, request: PendingRequest, attempt: int, error: Retryable, reserved: Entry | None
-    ) -> bool:
+        self, request: PendingRequest, attempt: int, this_run: int, error: Retryable,
+        reserved: Entry | None,
+    ) -> bool:  # fmt: skip
         """Record a failed attempt and wait before the next one; False when no
-        attempt is left (the row failed) or the lane stopped meanwhile."""
+        attempt is left in this run (the row failed) or the lane stopped meanwhile."""
         engine = self._engine
         engine._checkpointer.fail_attempt(
             FailedAttempt(request.seq, attempt, error.status, str(error))
         )
-        if attempt >= self._policy.max_attempts:
-            text = f"{error} (gave up after {attempt} attempts)"
+        if this_run >= self._policy.max_attempts:
+            text = f"{error} (gave up after {this_run} attempts)"
             self._end(request, Status.FAILED, attempt, text, reserved)
             return False
         if isinstance(error, RateLimited):
-            self.limiter.pause(self._policy.wait_after(attempt, error.retry_after, self._rng))
+            self.limiter.pause(self._policy.wait_after(this_run, error.retry_after, self._rng))
             return self._active()
-        return await self._wait(anyio.sleep(self._policy.backoff(attempt, self._rng)))
+        return await self._wait(anyio.sleep(self._policy.backoff(this_run, self._rng)))
 
     def _succeed(
         self, request: PendingRequest, attempt: int, reply: Reply, reserved: Entry | None,

@@ -5,7 +5,8 @@
     RunnerError
     ├── ConfigError        job or tenants file; names file and key            -> exit 2
     ├── InputError         whole file refused; names file and line or row     -> exit 2
-    ├── StateError         unknown run, newer schema, run already running     -> exit 2
+    ├── StateError         unknown run, newer schema                          -> exit 2
+    │   └── RunLocked      the run is running in another process              -> exit 4
     ├── BudgetExhausted    carries cap, spent, period                         -> row deferred
     └── ProviderError      raised only in provider.py; carries tenant, status, attempt
         ├── Retryable      5xx, timeout, reset, malformed body                -> backoff
@@ -34,6 +35,10 @@ class InputError(RunnerError):
 
 class StateError(RunnerError):
     """The state database cannot serve the request (unknown run, newer schema...)."""
+
+
+class RunLocked(StateError):
+    """Another process is running this run right now."""
 
 
 class BudgetExhausted(RunnerError):

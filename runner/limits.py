@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import anyio
@@ -177,6 +178,16 @@ class TenantLimiter:
             excess_requests -= 1
             excess_tokens -= entry_tokens
         return ready_at
+
+    def remember(self, earlier: Iterable[tuple[float, int]]) -> None:
+        """Count admissions made before this limiter existed, as (seconds ago,
+        tokens): a run resumed right after a stop must not spend again what the
+        provider's window still holds. Call before the first `acquire()`."""
+        now = anyio.current_time()
+        for age, tokens in sorted(earlier, reverse=True):
+            if 0 <= age < self._span_s:
+                self._log.append((now - age, tokens))
+                self._log_tokens += tokens
 
     def slot(self) -> anyio.CapacityLimiter:
         """The lane's `max_parallel` cap; `async with limiter.slot():` holds one slot.

@@ -33,7 +33,7 @@ from runner.errors import (
 )
 from runner.records import Reply, Usage
 from runner.retry import parse_retry_after
-from runner.secrets import Secret
+from runner.secrets import Secret, redact
 
 _RETRYABLE_4XX = frozenset({408, 409})
 _REFUSED = frozenset({401, 402, 403})
@@ -83,11 +83,11 @@ class ProviderClient:
             raise Retryable(message, tenant=tenant) from None
         latency_ms = int((time.monotonic() - started) * 1000)
         if status == 200:
-            return _reply(payload, tenant=tenant, latency_ms=latency_ms)
-        raise _error(status, payload, response_headers, tenant=tenant)
+            return _reply(payload, tenant=tenant, latency_ms=latency_ms, key=key)
+        raise _error(status, payload, response_headers, tenant=tenant, key=key)
 
 
-def _reply(payload: bytes, *, tenant: str, latency_ms: int) -> Reply:
+def _reply(payload: bytes, *, tenant: str, latency_ms: int, key: Secret | None) -> Reply:
     try:
         data = json.loads(payload)
         choice = data["choices"][0]
@@ -98,7 +98,8 @@ def _reply(payload: bytes, *, tenant: str, latency_ms: int) -> Reply:
             content = json.dumps(content, ensure_ascii=False)
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         raise Retryable(
-            f"tenant {tenant!r}: HTTP 200 but the body is not a chat completion: {_quote(payload)}",
+            f"tenant {tenant!r}: HTTP 200 but the body is not a chat completion: "
+            f"{_quote(payload, key)}",
             tenant=tenant,
             status=200,
         ) from None
@@ -127,8 +128,10 @@ def _is_count(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _error(status: int, payload: bytes, headers: Mapping[str, str], *, tenant: str) -> Exception:
-    text = f"tenant {tenant!r}: HTTP {status}: {_quote(payload)}"
+def _error(
+    status: int, payload: bytes, headers: Mapping[str, str], *, tenant: str, key: Secret | None
+) -> Exception:
+    text = f"tenant {tenant!r}: HTTP {status}: {_quote(payload, key)}"
     if status == 429:
         return RateLimited(text, tenant=tenant, retry_after=parse_retry_after(headers))
     if status in _REFUSED:
@@ -138,12 +141,14 @@ def _error(status: int, payload: bytes, headers: Mapping[str, str], *, tenant: s
     return RequestRejected(text, tenant=tenant, status=status)
 
 
-def _quote(payload: bytes) -> str:
-    """The provider's error message if the body has one, else the start of the body."""
+def _quote(payload: bytes, key: Secret | None) -> str:
+    """The provider's error message if the body has one, else the start of the
+    body; the key blanked out wherever the provider echoed it."""
     try:
         data = json.loads(payload)
         message = data["error"]["message"] if isinstance(data["error"], dict) else data["error"]
         text = str(message)
     except (ValueError, KeyError, TypeError):
         text = payload.decode("utf-8", "replace").strip() or "(empty body)"
+    text = redact(text, key)
     return text if len(text) <= _QUOTE_CHARS else text[:_QUOTE_CHARS] + "..."

@@ -10,6 +10,7 @@ first signal stops gracefully, the second at once.
 
 from __future__ import annotations
 
+import logging
 import signal
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,7 @@ from runner.sources import detect_format, open_source
 from runner.store import Store, TenantCounts
 from runner.validate import Validator
 
+log = logging.getLogger("runner")
 ProgressCallback = Callable[[Sequence[TenantProgress]], None]
 _STRICT_SHOWN = 20
 # The in-process simulator answers after a short delay, so a demo looks like a
@@ -95,10 +97,12 @@ async def execute(
     handle_signals: bool = False,
     settings: EngineSettings | None = None,
     progress_interval_s: float = 0.5,
+    retry_failed: bool = False,
 ) -> Execution:
     """Send the run's pending rows; on a clean end, write its outputs."""
     info = store.require_run(run_id)
-    requeued = store.requeue(run_id)
+    requeued = store.requeue(run_id, retry_failed=retry_failed)
+    store.set_phase(run_id, "running")
     baseline = {counts.tenant: counts for counts in store.counts(run_id)}
     keys = resolve_keys(job, store.lane_tenants(run_id), environ)
     settings = settings or EngineSettings(keep_raw_body=info.input_format == "openai_batch")
@@ -118,14 +122,16 @@ async def execute(
         )  # fmt: skip
         async with anyio.create_task_group() as group:
             if handle_signals:
-                group.start_soon(_stop_on_signals, engine)
+                group.start_soon(_stop_on_signals, engine, settings.grace_s)
             if on_progress is not None:
                 group.start_soon(_report, engine, baseline, on_progress, progress_interval_s)
             await engine.run()
             group.cancel_scope.cancel()
         if on_progress is not None:
             on_progress(_snapshot(engine, baseline))
-    if not engine.stopping:
+    if engine.stopping:
+        store.set_phase(run_id, "interrupted")
+    else:
         write_outputs(store, run_id)
     return Execution(interrupted=engine.stopping, requeued=requeued)
 
@@ -149,12 +155,18 @@ def batch_output_paths(output: Path) -> tuple[Path, Path]:
     return output.with_suffix(".output.jsonl"), output.with_suffix(".errors.jsonl")
 
 
-async def _stop_on_signals(engine: Engine) -> None:
+async def _stop_on_signals(engine: Engine, grace_s: float) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for _ in signals:
             if engine.stopping:
+                log.warning("stopping now; requests in flight will be sent again on resume")
                 engine.abort()
             else:
+                in_flight = sum(lane.in_flight for lane in engine.progress())
+                log.warning(
+                    "stopping: no new requests; waiting up to %.0fs for %d in flight "
+                    "(interrupt again to stop at once)", grace_s, in_flight,
+                )  # fmt: skip
                 engine.stop()
 
 

@@ -7,10 +7,13 @@ to build the `Authorization` header.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from runner.config import BUILTIN_SIMULATOR, Job
+
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
 
 
 class Secret:
@@ -41,23 +44,37 @@ class Secret:
 
 def resolve_keys(
     job: Job, tenants: Iterable[str], environ: Mapping[str, str]
-) -> dict[str, Secret | None]:
-    """Each tenant's key, or None where its variable is unset or empty.
+) -> dict[str, Secret | str]:
+    """Each tenant's key, or the reason it has none (a message naming the
+    variable, for the tenant's deferred rows).
 
     The bundled simulator needs no account: a tenant without a key gets a
     placeholder key naming the tenant, so the demo runs on a fresh machine.
     """
-    keys: dict[str, Secret | None] = {}
+    keys: dict[str, Secret | str] = {}
     for tenant in tenants:
-        value = environ.get(job.key_env(tenant), "").strip()
+        variable = job.key_env(tenant)
+        value = environ.get(variable, "").strip()
         if not value and job.provider.base_url == BUILTIN_SIMULATOR:
             value = f"sim-key-{tenant}"
-        keys[tenant] = Secret(value) if value else None
+        if not value:
+            keys[tenant] = (
+                f"tenant {tenant!r}: no API key: environment variable {variable} is not set; "
+                "export it, then resume the run"
+            )
+        elif not _HEADER_SAFE.fullmatch(value):
+            keys[tenant] = (
+                f"tenant {tenant!r}: the API key in {variable} has spaces or control "
+                "characters, which an HTTP header cannot carry; fix it, then resume the run"
+            )
+        else:
+            keys[tenant] = Secret(value)
     return keys
 
 
-def missing_key_message(job: Job, tenant: str) -> str:
-    return (
-        f"tenant {tenant!r}: no API key: environment variable {job.key_env(tenant)} "
-        f"is not set; export it and run `runner resume`"
-    )
+def redact(text: str, key: Secret | None) -> str:
+    """`text` with the key blanked out, for messages that quote a provider (some
+    echo the request's headers back)."""
+    if key is None or not key.reveal():
+        return text
+    return text.replace(key.reveal(), "[redacted]")

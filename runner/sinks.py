@@ -108,18 +108,24 @@ def _carried_fields(schemas: list[pa.Schema]) -> list[tuple[pa.Field, str]]:
     """(output field, input column) for the carried columns of every batch: a
     column typed alike everywhere keeps its type, types that promote are promoted
     (int -> double), a column with no common type is written as JSON text, and a
-    column named like a result column gets the prefix `input_`."""
+    column named like a result column gets the prefix `input_` (repeated until
+    the name is free)."""
     seen: dict[str, list[pa.DataType]] = {}
     for schema in schemas:
         for field in schema:
             seen.setdefault(field.name, [])
             if field.type != pa.null():
                 seen[field.name].append(field.type)
-    reserved = set(RESULT_SCHEMA.names)
-    return [
-        (pa.field(_CARRIED_PREFIX + name if name in reserved else name, _common_type(types)), name)
-        for name, types in seen.items()
-    ]
+    taken = set(RESULT_SCHEMA.names) | set(seen)
+    fields = []
+    for name, types in seen.items():
+        output_name = name
+        if name in RESULT_SCHEMA.names:
+            while output_name in taken:
+                output_name = _CARRIED_PREFIX + output_name
+            taken.add(output_name)
+        fields.append((pa.field(output_name, _common_type(types)), name))
+    return fields
 
 
 def _common_type(types: list[pa.DataType]) -> pa.DataType:

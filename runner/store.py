@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -80,10 +81,12 @@ def m001_initial(db: Database) -> None:
             raw_body TEXT,                -- kept for OpenAI-batch output only
             reserved_micros INTEGER,      -- the budget reservation while sent
             reserved_period TEXT,
+            sent_at REAL,                 -- unix time of the last attempt
             PRIMARY KEY (run_id, seq)
         );
         CREATE INDEX requests_lane ON requests(run_id, tenant, status, seq);
         CREATE INDEX requests_row_id ON requests(run_id, row_id);
+        CREATE INDEX requests_recent ON requests(tenant, sent_at);
         CREATE TABLE attempts (           -- failed attempts; the last one is on the row
             run_id TEXT NOT NULL,
             seq INTEGER NOT NULL,
@@ -181,8 +184,13 @@ class Store:
 
     __slots__ = ("db", "path")
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, create: bool = True) -> None:
         self.path = Path(path)
+        if not create and not self.path.exists():
+            raise StateError(
+                f"{self.path}: no state database here; pass --state PATH or set RUNNER_STATE "
+                "(a job keeps its state where its [job] state says)"
+            )
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = Database(self.path)
@@ -250,6 +258,14 @@ class Store:
                 [phase, rows, utc_now(), run_id],
             )
 
+    def update_job(self, run_id: str, job_json: str) -> None:
+        """Settings for the run's next execution (provider, tenants, prices)."""
+        with self._write():
+            self.db.execute(
+                "UPDATE runs SET job_json = ?, updated_at = ? WHERE run_id = ?",
+                [job_json, utc_now(), run_id],
+            )
+
     def delete_run(self, run_id: str) -> None:
         """Forget a run that never sent anything (a refused or restarted submit)."""
         with self._write():
@@ -315,7 +331,7 @@ class Store:
                 )
                 UPDATE requests
                 SET status = 'rejected', body = NULL,
-                    error = 'duplicate id ' || quote(ranked.row_id)
+                    error = requests.source || ': duplicate id ' || quote(ranked.row_id)
                             || ' (first seen at ' || ranked.first || ')'
                 FROM ranked
                 WHERE requests.run_id = :run AND requests.seq = ranked.seq AND ranked.nth > 1
@@ -327,10 +343,11 @@ class Store:
 
     # -- the run --------------------------------------------------------------
 
-    def requeue(self, run_id: str) -> int:
+    def requeue(self, run_id: str, *, retry_failed: bool = False) -> int:
         """Prepare a (re)started run: rows left `sent` by a crash were in flight
         and are re-sent (counted in `resends`), their reservations released;
-        `deferred` rows get another chance. Returns how many rows were in flight."""
+        `deferred` rows (and `failed` ones, if asked) get another chance.
+        Returns how many rows were in flight."""
         with self._write():
             held = self.db.execute(
                 "SELECT seq, tenant, model, reserved_period, reserved_micros FROM requests"
@@ -352,12 +369,24 @@ class Store:
                 " WHERE run_id = ? AND status = 'sent'",
                 [run_id],
             ).rowcount
+            retried = "('deferred', 'failed')" if retry_failed else "('deferred')"
             self.db.execute(
                 "UPDATE requests SET status = 'pending', error = NULL"
-                " WHERE run_id = ? AND status = 'deferred'",
+                f" WHERE run_id = ? AND status IN {retried}",
                 [run_id],
             )
         return in_flight
+
+    def recent_sends(self, tenant: str, *, within_s: float) -> list[tuple[float, int]]:
+        """(seconds ago, TPM cost) of the tenant's sends in the last `within_s`
+        seconds, by any run in this database."""
+        now = time.time()
+        rows = self.db.execute(
+            "SELECT sent_at, prompt_estimate + max_tokens FROM requests"
+            " WHERE tenant = ? AND sent_at > ?",
+            [tenant, now - within_s],
+        ).fetchall()
+        return [(now - sent_at, cost) for sent_at, cost in rows]
 
     def lane_tenants(self, run_id: str) -> dict[str, int]:
         """Tenants with rows to send, and the largest TPM cost among their rows."""
@@ -393,6 +422,7 @@ class Store:
         available budget is refused (not marked); the refused are returned with
         the balance that refused them."""
         now = utc_now()
+        sent_at = time.time()
         refused: dict[int, Balance] = {}
         with self._write():
             conn = self.db.conn
@@ -426,9 +456,9 @@ class Store:
                     )
                 if mark.attempt is not None:
                     conn.execute(
-                        "UPDATE requests SET status = 'sent', attempts = ?"
+                        "UPDATE requests SET status = 'sent', attempts = ?, sent_at = ?"
                         " WHERE run_id = ? AND seq = ?",
-                        (mark.attempt, run_id, mark.seq),
+                        (mark.attempt, sent_at, run_id, mark.seq),
                     )
         return refused
 
@@ -469,6 +499,23 @@ class Store:
             for index, value in enumerate((prompt, cached, completion, cost, resends), start=1):
                 entry[index] += int(value)
         return [TenantCounts(tenant, *values) for tenant, values in merged.items()]
+
+    def problems(self, run_id: str, *, per_status: int = 3) -> list[tuple[str, str, str, int]]:
+        """(tenant, status, error, rows) for the commonest errors of each tenant's
+        failed, deferred and rejected rows."""
+        rows = self.db.execute(
+            "SELECT tenant, status, error, COUNT(*) AS n FROM requests"
+            " WHERE run_id = ? AND status IN ('failed', 'deferred', 'rejected')"
+            " GROUP BY tenant, status, error ORDER BY tenant, status, n DESC, MIN(seq)",
+            [run_id],
+        ).fetchall()
+        shown: dict[tuple[str, str], int] = {}
+        kept = []
+        for tenant, status, error, count in rows:
+            if shown.get((tenant, status), 0) < per_status:
+                shown[(tenant, status)] = shown.get((tenant, status), 0) + 1
+                kept.append((tenant, status, error or "", count))
+        return kept
 
     def carried_batches(self, run_id: str) -> Iterator[tuple[int, pa.RecordBatch]]:
         """(first seq, carried columns) per input batch, in input order."""

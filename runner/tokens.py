@@ -5,20 +5,27 @@ that undercounts trips the provider's limit, and a budget reservation that
 undercounts can overspend. Without the provider's tokenizer we bound it from
 above, class by class, on the way byte-pair tokenizers split text:
 
-- a run of ASCII letters costs at most ceil(n / 4) tokens (common words are one
-  token, rare words split into pieces of three or four letters);
+- a run of ASCII letters costs ceil(n / 4) tokens (common words are one token,
+  rare words split into pieces of three or four letters), plus one for each
+  switch from lower to upper case (identifiers and base64 split there);
 - a run of digits costs ceil(n / 3) (numbers are split into groups of three);
-- every other visible character (punctuation, CJK, Cyrillic, ...) costs one
-  token, characters outside the Basic Multilingual Plane (emoji, rare CJK) two:
-  CJK text is about one token per character, not one per four;
-- each run of line breaks costs one, so does each run of two or more spaces or
-  tabs (indentation); a single space merges into the following word.
+- other ASCII punctuation costs one token a character;
+- CJK (Han, kana, Hangul, full-width forms) costs one token a character: about
+  what tokenizers spend on CJK, not one per four;
+- other characters cost what a byte-level tokenizer spends at worst on scripts
+  it has few merges for: one token per UTF-8 byte (Indic, Ethiopic, Georgian,
+  math symbols, emoji...), except two-byte letters (Latin with accents, Greek,
+  Cyrillic, Hebrew, Arabic), which cost one; combining marks and non-ASCII
+  spaces cost their bytes too;
+- each run of line breaks costs one, each run of 2+ spaces or tabs ceil(n / 16);
+  a single space merges into the following word.
 
 Chat framing adds `PER_MESSAGE` tokens per message and `REPLY_PRIMING` per
 request (OpenAI documents 3 and 3; we round up to 4 and 3).
 
 Runs are summed exactly: a looser bound such as (letters + 3 * runs) / 4 would
-cost a TPM-bound tenant a quarter of its throughput on prose.
+cost a TPM-bound tenant a quarter of its throughput on prose. Known limit: a long
+run of random lower-case letters can cost more than ceil(n / 4).
 """
 
 from __future__ import annotations
@@ -31,13 +38,20 @@ from typing import Any
 PER_MESSAGE = 4
 PER_NAME = 1
 REPLY_PRIMING = 3
+_INDENT_CHARS = 16
 
 _LETTER_RUN = re.compile(r"[A-Za-z]+")
 _DIGIT_RUN = re.compile(r"[0-9]+")
+_CASE_SWITCH = re.compile(r"[a-z](?=[A-Z])")
 _LINE_BREAKS = re.compile(r"[\r\n]+")
 _INDENT = re.compile(r"[ \t]{2,}")
-_SPACE = re.compile(r"\s+")
-_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+_ASCII_SPACE = re.compile(r"[\t\n\x0b\x0c\r\x1c-\x1f ]+")
+# Extra tokens beyond one per character, for the non-ASCII classes above.
+_COMBINING = re.compile("[\u0300-\u036f\u0085\u00a0]")  # +1 (and two-byte spaces)
+_THREE_BYTE_NOT_CJK = re.compile(
+    "[\u0800-\u2fff\u3000\ua000-\uabff\ud7b0-\uf8ff\ufb00-\ufeff\ufff0-\uffff]"
+)  # +2 (the ideographic space included)
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")  # +3
 
 
 def _byte_map(marked: bytes, mark: bytes) -> bytes:
@@ -45,9 +59,14 @@ def _byte_map(marked: bytes, mark: bytes) -> bytes:
     return bytes(mark[0] if byte in marked else ord(" ") for byte in range(256))
 
 
-_LETTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_LOWER = b"abcdefghijklmnopqrstuvwxyz"
+_UPPER = _LOWER.upper()
+_LETTERS = _UPPER + _LOWER
 _DIGITS = b"0123456789"
 _AS_LETTERS = _byte_map(_LETTERS, b"a")
+_AS_CASE = bytes(
+    ord("l") if byte in _LOWER else ord("U") if byte in _UPPER else ord(" ") for byte in range(256)
+)
 _AS_DIGITS = _byte_map(_DIGITS, b"0")
 _AS_BREAKS = _byte_map(b"\r\n", b"n")
 _AS_INDENT = _byte_map(b" \t", b"s")
@@ -78,13 +97,18 @@ def text_tokens(text: str) -> int:
 def _any_tokens(text: str) -> int:
     """`text_tokens` for any text, with regexes."""
     words = sum((len(run) + 3) >> 2 for run in _LETTER_RUN.findall(text))
+    words += len(_CASE_SWITCH.findall(text))
     digits = sum((len(run) + 2) // 3 for run in _DIGIT_RUN.findall(text))
     rest = _DIGIT_RUN.sub(" ", _LETTER_RUN.sub(" ", text))
-    line_breaks = _LINE_BREAKS.subn("", rest)[1]
-    indents = _INDENT.subn("", text)[1]
-    visible = len(_SPACE.sub("", rest))
-    astral = _ASTRAL.subn("", rest)[1]
-    return words + digits + visible + astral + line_breaks + indents
+    line_breaks = len(_LINE_BREAKS.findall(rest))
+    indents = sum((len(run) + _INDENT_CHARS - 1) // _INDENT_CHARS for run in _INDENT.findall(text))
+    visible = len(_ASCII_SPACE.sub("", rest))
+    wide = (
+        len(_COMBINING.findall(rest))
+        + 2 * len(_THREE_BYTE_NOT_CJK.findall(rest))
+        + 3 * len(_ASTRAL.findall(rest))
+    )
+    return words + digits + visible + wide + line_breaks + indents
 
 
 def _ascii_tokens(raw: bytes) -> int:
@@ -97,14 +121,19 @@ def _ascii_tokens(raw: bytes) -> int:
     Other classes are mapped to one mark and split into their runs.
     """
     words = (raw + b" ").translate(_AS_LETTERS).replace(b" ", b"aaa ").count(b"aaaa")
-    tokens = words + len(raw.translate(None, _NOT_VISIBLE))
+    tokens = words + raw.translate(_AS_CASE).count(b"lU")
+    tokens += len(raw.translate(None, _NOT_VISIBLE))
     # Digits, breaks and indentation are rare in prose: look only when present.
     if raw.translate(None, _NOT_DIGITS):
         tokens += sum((len(run) + 2) // 3 for run in raw.translate(_AS_DIGITS).split())
     if b"\n" in raw or b"\r" in raw:
         tokens += len(raw.translate(_AS_BREAKS).split())
     if b"  " in raw or b"\t" in raw:
-        tokens += sum(len(run) > 1 for run in raw.translate(_AS_INDENT).split())
+        tokens += sum(
+            (len(run) + _INDENT_CHARS - 1) // _INDENT_CHARS
+            for run in raw.translate(_AS_INDENT).split()
+            if len(run) > 1
+        )
     return tokens
 
 

@@ -39,12 +39,18 @@ class Validator:
 
     def check(self, row: InputRow) -> Request | Rejection:
         fields = row.fields
-        row_id = _row_id(fields.get("custom_id" if fields.get("batch") else "id"), row.seq)
-        tenant = str(fields.get("tenant") or self._job.job.default_tenant or "")
+        raw_id = fields.get("custom_id" if fields.get("batch") else "id")
+        row_id = _row_id(raw_id, row.seq)
+        raw_tenant = fields.get("tenant")
+        tenant = str(self._job.job.default_tenant or "" if raw_tenant is None else raw_tenant)
         model = ""
         try:
             if row.problem:
                 raise _Bad(row.problem)
+            if raw_id is not None and not _is_id(raw_id):
+                raise _Bad(f"the id must be a string or an integer, not {_kind(raw_id)}")
+            if raw_tenant is not None and not isinstance(raw_tenant, str):
+                raise _Bad(f"'tenant' must be a string, not {_kind(raw_tenant)}")
             body = self._batch_body(fields) if fields.get("batch") else self._table_body(fields)
             model = body["model"]
             if not tenant:
@@ -72,7 +78,7 @@ class Validator:
                     f"max_tokens {max_tokens}) but tenant {tenant!r} allows {tpm} per minute"
                 )
         except _Bad as problem:
-            return Rejection(row.seq, row_id, tenant, model, row.where, str(problem))
+            return Rejection(row.seq, row_id, tenant, model, row.where, f"{row.where}: {problem}")
         return Request(row.seq, row_id, tenant, model, row.where, body, estimate, max_tokens)
 
     def _table_body(self, fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -166,10 +172,14 @@ def _max_tokens(body: Mapping[str, Any]) -> int:
 
 
 def _row_id(value: Any, seq: int) -> str:
-    """The row's id as text; a row without one is numbered by its position."""
+    """The row's id as text; a row without one is named by its position."""
     if value is None or value == "":
-        return str(seq + 1)
+        return f"row-{seq + 1}"
     return value if isinstance(value, str) else str(value)
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, str | int) and not isinstance(value, bool)
 
 
 def _kind(value: Any) -> str:

@@ -244,7 +244,7 @@ async def test_rejected_and_duplicate_rows_are_reported_and_never_sent(
         assert sim.stats()["requests"] == 1
     rows = output_rows(tmp_path)
     assert [row["status"] for row in rows] == ["done", "rejected", "rejected", "rejected"]
-    assert rows[1]["error"] == f"duplicate id 'a' (first seen at {path}:1)"
-    assert rows[2]["error"].startswith("not valid JSON")
-    assert rows[3]["error"].startswith("unknown tenant 'nobody'")
+    assert rows[1]["error"] == f"{path}:2: duplicate id 'a' (first seen at {path}:1)"
+    assert rows[2]["error"].startswith(f"{path}:3: not valid JSON")
+    assert rows[3]["error"].startswith(f"{path}:4: unknown tenant 'nobody'")
     assert result.exit_code == 3

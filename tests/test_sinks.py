@@ -32,7 +32,15 @@ def test_carried_columns_keep_promote_or_fall_back_to_json_across_batches(tmp_pa
     register(
         store,
         [
-            pa.record_batch({"a": [1, 2], "b": [None, None], "c": [1, 2], "status": ["x", "y"]}),
+            pa.record_batch(
+                {
+                    "a": [1, 2],
+                    "b": [None, None],
+                    "c": [1, 2],
+                    "status": ["x", "y"],
+                    "input_status": ["p", "q"],
+                }
+            ),
             pa.record_batch({"a": [3], "b": ["t"], "c": ["three"]}),
             pa.record_batch({"a": [4.5], "d": [[1, 2]]}),
         ],
@@ -40,13 +48,14 @@ def test_carried_columns_keep_promote_or_fall_back_to_json_across_batches(tmp_pa
     rows = write_parquet(store, "r", tmp_path / "out.parquet")
     table = pq.read_table(tmp_path / "out.parquet")
     assert rows == table.num_rows == 4
-    assert table.schema.names[:5] == ["a", "b", "c", "input_status", "d"]
-    assert table.schema.names[5:] == RESULT_SCHEMA.names
+    assert table.schema.names[:6] == ["a", "b", "c", "input_input_status", "input_status", "d"]
+    assert table.schema.names[6:] == RESULT_SCHEMA.names
     assert table.column("a").to_pylist() == [1.0, 2.0, 3.0, 4.5]  # int64 + double -> double
     assert table.column("b").to_pylist() == [None, None, "t", None]
     assert table.column("c").to_pylist() == ["1", "2", "three", None]  # no common type: JSON
     assert table.column("d").to_pylist() == [None, None, None, [1, 2]]
-    assert table.column("input_status").to_pylist() == ["x", "y", None, None]
+    assert table.column("input_input_status").to_pylist() == ["x", "y", None, None]
+    assert table.column("input_status").to_pylist() == ["p", "q", None, None]
     assert table.column("status").to_pylist() == ["pending"] * 4
     assert table.column("id").to_pylist() == ["id0", "id1", "id2", "id3"]
 

@@ -46,7 +46,7 @@ def test_duplicate_ids_after_the_first_are_rejected_naming_the_first(store: Stor
         4: "pending",
     }
     assert store.rejections("r", limit=5) == [
-        ("in.jsonl:3", "duplicate id 'a' (first seen at in.jsonl:1)"),
+        ("in.jsonl:3", "in.jsonl:3: duplicate id 'a' (first seen at in.jsonl:1)"),
         ("in.jsonl:4", "not valid JSON"),
     ]
 

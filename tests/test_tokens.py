@@ -24,8 +24,22 @@ def test_digits_are_grouped_by_three() -> None:
     assert text_tokens("1234567 ½") == 4
 
 
-def test_emoji_outside_the_basic_plane_cost_two() -> None:
-    assert text_tokens("👍") == 2
+def test_scripts_without_merges_cost_a_token_per_utf8_byte() -> None:
+    assert text_tokens("👍") == 4
+    assert text_tokens("नमस्ते") == 18  # Devanagari: 6 characters of 3 bytes
+    assert text_tokens("\u2200x\u2208\u211d") == 1 + 3 + 3 + 3  # x, three 3-byte math symbols
+    assert text_tokens("a\u00a0b") == 1 + 2 + 1  # a no-break space is 2 bytes
+    assert text_tokens("Zalgo\u0301") == 2 + 2  # a combining mark costs 2
+
+
+def test_two_byte_letters_cost_one_token_each() -> None:
+    assert text_tokens("Привет") == 6
+    assert text_tokens("Grüße") == 1 + 1 + 1 + 1  # Gr, ü, ß, e
+
+
+def test_case_switches_and_long_space_runs_cost_extra() -> None:
+    assert text_tokens("getHTTPResponseCode") == 5 + 2
+    assert text_tokens(" " * 2000) == 125
 
 
 def test_line_breaks_and_indentation_count_once_per_run_and_single_spaces_are_free() -> None:

@@ -20,7 +20,7 @@ def job(write_job: JobWriter) -> Job:
         write_job(
             Path("in.jsonl"),
             defaults='model = "deepseek-v3.2"\nmax_tokens = 100\nsystem = "Be brief."',
-            tenants={"acme": {"tpm": 1000}, "globex": {}},
+            tenants={"acme": {"tpm": 1000}, "globex": {"allowed_models": ["deepseek-v3.2"]}},
         )
     )
 
@@ -50,8 +50,8 @@ def test_turns_become_consecutive_user_messages(job: Job) -> None:
     assert [m["content"] for m in request.body["messages"]] == ["Sys", "first", "second"]
 
 
-def test_a_row_without_an_id_is_numbered_by_its_position(job: Job) -> None:
-    assert check(job, {"prompt": "x"}).row_id == "8"
+def test_a_row_without_an_id_is_named_by_its_position(job: Job) -> None:
+    assert check(job, {"prompt": "x"}).row_id == "row-8"
 
 
 @pytest.mark.parametrize(
@@ -73,6 +73,13 @@ def test_a_row_without_an_id_is_numbered_by_its_position(job: Job) -> None:
         ({"prompt": "x", "temperature": 3}, "'temperature' must be between 0 and 2, not 3"),
         ({"prompt": "x", "tenant": "umbrella"}, "unknown tenant 'umbrella' (known: acme, globex)"),
         ({"prompt": "x", "model": 42}, "'model' must be a non-empty string, not int"),
+        ({"prompt": "x", "tenant": 0}, "'tenant' must be a string, not int"),
+        ({"prompt": "x", "tenant": False}, "'tenant' must be a string, not bool"),
+        ({"prompt": "x", "id": {"a": 1}}, "the id must be a string or an integer, not dict"),
+        (
+            {"prompt": "x", "model": "gpt-4.1", "tenant": "globex"},
+            "model 'gpt-4.1' is not allowed for tenant 'globex' (allowed: deepseek-v3.2)",
+        ),
     ],
 )
 def test_malformed_rows_are_rejected_with_the_reason(
@@ -80,14 +87,14 @@ def test_malformed_rows_are_rejected_with_the_reason(
 ) -> None:
     rejection = check(job, fields)
     assert isinstance(rejection, Rejection)
-    assert rejection.error == problem
+    assert rejection.error == f"in.jsonl:8: {problem}"
     assert rejection.where == "in.jsonl:8"
 
 
 def test_a_row_a_reader_could_not_parse_is_rejected_with_the_readers_reason(job: Job) -> None:
     rejection = check(job, {}, problem="not valid JSON: Expecting value at column 1")
     assert isinstance(rejection, Rejection)
-    assert rejection.error == "not valid JSON: Expecting value at column 1"
+    assert rejection.error == "in.jsonl:8: not valid JSON: Expecting value at column 1"
 
 
 def test_a_row_that_could_never_fit_its_tenants_tpm_is_rejected(job: Job) -> None:
@@ -112,9 +119,9 @@ def batch(body: Any, **extra: Any) -> dict[str, Any]:
 def test_a_batch_line_keeps_its_body_and_max_completion_tokens(job: Job) -> None:
     body = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}],
             "max_completion_tokens": 50, "seed": 3}  # fmt: skip
-    request = check(job, batch(body, tenant="globex"))
+    request = check(job, batch(body, tenant="acme"))
     assert isinstance(request, Request)
-    assert (request.row_id, request.tenant, request.max_tokens) == ("r1", "globex", 50)
+    assert (request.row_id, request.tenant, request.max_tokens) == ("r1", "acme", 50)
     assert request.body == body
 
 
@@ -140,4 +147,4 @@ def test_a_batch_line_without_a_token_limit_gets_the_jobs_default(job: Job) -> N
 def test_bad_batch_lines_are_rejected(job: Job, fields: dict[str, Any], problem: str) -> None:
     rejection = check(job, fields)
     assert isinstance(rejection, Rejection)
-    assert rejection.error == problem
+    assert rejection.error == f"in.jsonl:8: {problem}"

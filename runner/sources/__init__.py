@@ -4,8 +4,8 @@ A reader never loads the whole file: it yields `SourceBatch`es of a few thousand
 rows. Each batch carries, beside its rows, an Arrow record batch of the columns
 that pass through to the output untouched, so that Parquet types survive exactly.
 A row that cannot be parsed is still yielded (with `problem` set) so that it ends
-as a `rejected` output row; only a file that cannot be read at all raises
-`InputError`.
+as a `rejected` output row; a file that cannot be read at all, or of which no
+row parses, raises `InputError`.
 """
 
 from __future__ import annotations
@@ -45,21 +45,30 @@ def open_source(
     return jsonl.read(path, mapping, batch_rows=batch_rows)
 
 
+PARQUET_SUFFIXES = frozenset({".parquet", ".pq"})
+JSONL_SUFFIXES = frozenset({".jsonl", ".json", ".ndjson", ".jsonlines"})
+
+
 def detect_format(path: Path) -> InputFormat:
-    """Parquet by its magic bytes; JSONL whose first record has `custom_id` and
-    `body` is OpenAI-batch input; any other text is a JSONL table."""
-    try:
-        with path.open("rb") as handle:
-            if handle.read(4) == b"PAR1":
-                return "parquet"
-            handle.seek(0)
-            for raw in handle:
-                line = raw.strip().removeprefix(b"\xef\xbb\xbf")
-                if line:
-                    is_batch = b'"custom_id"' in line and b'"body"' in line
-                    return "openai_batch" if is_batch else "jsonl"
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such input file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a folder, not an input file") from None
+    """By the file's name: Parquet (.parquet), or JSON Lines (.jsonl, .json,
+    .ndjson), where a first record with `custom_id` and `body` makes it
+    OpenAI-batch input. Any other name is refused rather than guessed at."""
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not an input file")
+    if not path.exists():
+        raise InputError(f"{path}: no such input file")
+    suffix = path.suffix.lower()
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet"
+    if suffix not in JSONL_SUFFIXES:
+        raise InputError(
+            f"{path}: cannot tell the input format from its name; runner reads Parquet "
+            "(.parquet) and JSON Lines (.jsonl); set [input] format if the name misleads"
+        )
+    with path.open("rb") as handle:
+        for raw in handle:
+            line = raw.strip().removeprefix(b"\xef\xbb\xbf")
+            if line:
+                is_batch = b'"custom_id"' in line and b'"body"' in line
+                return "openai_batch" if is_batch else "jsonl"
     raise InputError(f"{path}: the input file is empty")

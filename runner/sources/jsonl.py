@@ -72,12 +72,16 @@ def read_objects(path: Path, split: Split, *, batch_rows: int) -> Iterator[Sourc
     request fields and carried values."""
     rows: list[InputRow] = []
     carried: list[dict[str, Any]] = []
-    seq = 0
+    seq = parsed = 0
+    first_problem = ""
     for number, obj, problem in json_lines(path):
         fields, carry = split(obj) if obj is not None else ({}, {})
         rows.append(InputRow(seq, f"{path}:{number}", fields, problem))
         carried.append(carry)
         seq += 1
+        parsed += obj is not None
+        if problem and not first_problem:
+            first_problem = f"line {number}: {problem}"
         if len(rows) >= batch_rows:
             yield SourceBatch(rows, carried_batch(carried))
             rows, carried = [], []
@@ -85,6 +89,8 @@ def read_objects(path: Path, split: Split, *, batch_rows: int) -> Iterator[Sourc
         yield SourceBatch(rows, carried_batch(carried))
     if seq == 0:
         raise InputError(f"{path}: the input file has no rows (only blank lines)")
+    if parsed == 0:
+        raise InputError(f"{path}: no line is a JSON object; is it JSON Lines? ({first_problem})")
 
 
 def carried_batch(records: list[dict[str, Any]]) -> pa.RecordBatch:

@@ -93,10 +93,21 @@ def test_a_bad_job_file_exits_2_naming_the_key(tmp_path: Path, write_job: JobWri
     assert "[tenants.acme] rpm: Input should be a valid integer" in refused.stderr
 
 
-def test_resume_of_an_unknown_run_exits_2(tmp_path: Path) -> None:
+def test_resume_of_an_unknown_run_exits_2_and_creates_nothing(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
     missing = runner("resume", "nope", "--state", "state.db", cwd=tmp_path)
     assert missing.returncode == 2
-    assert "no run 'nope'" in missing.stderr
+    assert "state.db: no state database here; pass --state PATH" in missing.stderr
+    assert not (tmp_path / "state.db").exists()
+    status = runner("status", cwd=tmp_path)
+    assert status.returncode == 2 and not (tmp_path / "runner.db").exists()
+
+    job = write_job(SAMPLE_DATA / "prompts.parquet", input_section='prompt = "turns"')
+    assert runner("submit", str(job), "--run-id", "real", cwd=tmp_path).returncode == 0
+    unknown = runner("resume", "nope", "--state", "state.db", cwd=tmp_path)
+    assert unknown.returncode == 2
+    assert "no run 'nope'" in unknown.stderr
 
 
 def test_runner_help_lists_the_exit_codes(tmp_path: Path) -> None:

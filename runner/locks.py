@@ -1,0 +1,60 @@
+"""One process per run: an advisory lock held while a run registers or runs.
+
+The lock is `flock` on a small file beside the state database; the kernel drops
+it when the holder exits, however it exits (SIGKILL included), so a lock is never
+left stale and never needs taking over by hand. The file holds the holder's pid
+and host, for the message a second process shows.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import socket
+from pathlib import Path
+from types import TracebackType
+
+from runner.errors import RunLocked
+
+
+class RunLock:
+    """`with RunLock(state_path, run_id):` or raise `RunLocked`."""
+
+    __slots__ = ("_handle", "path", "run_id")
+
+    def __init__(self, state: Path, run_id: str) -> None:
+        digest = hashlib.sha256(run_id.encode()).hexdigest()[:24]
+        self.path = state.parent / f".{state.name}.locks" / f"{digest}.lock"
+        self.run_id = run_id
+        self._handle: int | None = None
+
+    def __repr__(self) -> str:
+        return f"RunLock({self.run_id!r}, held={self._handle is not None})"
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(handle, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(handle)
+            raise RunLocked(
+                f"run {self.run_id!r} is already running ({holder}); wait for it to finish, "
+                "or stop that process (a killed one releases the run at once)"
+            ) from None
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self._handle = handle
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._handle is not None:
+            os.close(self._handle)  # closing the descriptor releases the flock
+            self._handle = None
