@@ -28,8 +28,11 @@ from runner.simulator import key_label
 from runner.tokens import prompt_tokens
 
 RPM, TPM = 1200, 150_000
-TENANTS = {"alpha": "Summarise item {i} briefly.", "beta": "Name a colour for item {i}.",
-           "tokens": "Explain in depth, with examples, item {i}: " + "context " * 120}  # fmt: skip
+TENANTS = {
+    "alpha": "Summarise item {i} briefly.",
+    "beta": "Name a colour for item {i}.",
+    "tokens": "Explain in depth, with examples, item {i}: " + "context " * 120,
+}
 MAX_TOKENS = 64
 
 
@@ -46,9 +49,11 @@ def main() -> None:
             started = time.monotonic()
             done = subprocess.run(
                 [sys.executable, "-m", "runner", "submit", str(job), "--run-id", "bench"],
-                cwd=work, capture_output=True, text=True,
+                cwd=work,
+                capture_output=True,
+                text=True,
                 env={**os.environ, **{f"{t.upper()}_API_KEY": _key(t) for t in TENANTS}},
-            )  # fmt: skip
+            )
             wall = time.monotonic() - started
             stats = _get(base_url.removesuffix("/v1") + "/stats")
         finally:
@@ -84,10 +89,21 @@ def _key(tenant: str) -> str:
 
 def _start_simulator() -> tuple[subprocess.Popen[str], str]:
     server = subprocess.Popen(
-        [sys.executable, "-m", "runner", "simulate", "--port", "0",
-         "--rpm", str(RPM), "--tpm", str(TPM)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "runner",
+            "simulate",
+            "--port",
+            "0",
+            "--rpm",
+            str(RPM),
+            "--tpm",
+            str(TPM),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert server.stdout is not None
     line = server.stdout.readline()
     return server, line.split()[3]

@@ -55,8 +55,16 @@ class Alert:
 class Alerts:
     """Checks balances after each commit; delivers webhooks from `deliver()`."""
 
-    __slots__ = ("_delivered", "_job", "_receive", "_send", "_store", "attempts", "backoff_s",
-                 "fired")  # fmt: skip
+    __slots__ = (
+        "_delivered",
+        "_job",
+        "_receive",
+        "_send",
+        "_store",
+        "attempts",
+        "backoff_s",
+        "fired",
+    )
 
     def __init__(
         self, store: Store, job: Job, *, attempts: int = 3, backoff_s: float = 1.0
@@ -125,5 +133,7 @@ class Alerts:
                 await anyio.sleep(self.backoff_s * 2 ** (attempt - 1))
         log.error(
             "budget alert webhook for tenant %r failed after %d attempts (%s)",
-            alert.tenant, self.attempts, problem,
-        )  # fmt: skip
+            alert.tenant,
+            self.attempts,
+            problem,
+        )

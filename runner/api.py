@@ -166,9 +166,15 @@ async def _execute(
     retry_failed: bool,
 ) -> RunResult:
     execution = await execute(
-        store, run_id, job, environ=environ, on_progress=on_progress,
-        handle_signals=handle_signals, settings=settings, retry_failed=retry_failed,
-    )  # fmt: skip
+        store,
+        run_id,
+        job,
+        environ=environ,
+        on_progress=on_progress,
+        handle_signals=handle_signals,
+        settings=settings,
+        retry_failed=retry_failed,
+    )
     info = store.require_run(run_id)
     outputs: tuple[Path, ...] = ()
     if not execution.interrupted:
@@ -201,10 +207,15 @@ def run_job(
     `run_job_async` instead."""
     return _run_sync(
         lambda: run_job_async(
-            job, run_id=run_id, state=state, strict=strict, retry_failed=retry_failed,
-            on_progress=on_progress, environ=environ,
+            job,
+            run_id=run_id,
+            state=state,
+            strict=strict,
+            retry_failed=retry_failed,
+            on_progress=on_progress,
+            environ=environ,
         )
-    )  # fmt: skip
+    )
 
 
 def resume(
@@ -218,10 +229,13 @@ def resume(
     """Synchronous `resume_async` (see `run_job` for use inside an event loop)."""
     return _run_sync(
         lambda: resume_async(
-            run_id, state=state, retry_failed=retry_failed, on_progress=on_progress,
+            run_id,
+            state=state,
+            retry_failed=retry_failed,
+            on_progress=on_progress,
             environ=environ,
         )
-    )  # fmt: skip
+    )
 
 
 def status(

@@ -62,9 +62,14 @@ class BudgetGuard:
         return self._entry(self.period(), Kind.RESERVE, worst_micros, model, seq)
 
     def settle(
-        self, reserved: Entry | None, *, seq: int, model: str, usage: Usage | None,
+        self,
+        reserved: Entry | None,
+        *,
+        seq: int,
+        model: str,
+        usage: Usage | None,
         worst_micros: int,
-    ) -> tuple[int | None, list[Entry]]:  # fmt: skip
+    ) -> tuple[int | None, list[Entry]]:
         """The cost of a response and the entries that record it: the reservation
         released, then a charge; or, without `usage`, a hold of the worst case
         (cost unknown: flagged in reports, never counted as zero)."""
@@ -75,26 +80,40 @@ class BudgetGuard:
         price = self._prices[model]
         cost = price.cost(usage)
         charge = Entry(
-            self.tenant, period, Kind.CHARGE, cost, model, self._run_id, seq,
-            prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens,
+            self.tenant,
+            period,
+            Kind.CHARGE,
+            cost,
+            model,
+            self._run_id,
+            seq,
+            prompt_tokens=usage.prompt_tokens,
+            cached_tokens=usage.cached_tokens,
             completion_tokens=usage.completion_tokens,
             prices=(price.input, price.cached_input, price.output),
-        )  # fmt: skip
+        )
         return cost, [*entries, charge]
 
     def release(self, reserved: Entry | None) -> list[Entry]:
         if reserved is None:
             return []
-        return [self._entry(reserved.period, Kind.RELEASE, reserved.amount_micros,
-                            reserved.model, reserved.seq)]  # fmt: skip
+        return [
+            self._entry(
+                reserved.period, Kind.RELEASE, reserved.amount_micros, reserved.model, reserved.seq
+            )
+        ]
 
     def exhausted(self, balance: Balance, needed_micros: int) -> BudgetExhausted:
         cap = (self.cap_micros or 0) + balance.topup_micros
         return BudgetExhausted(
-            self.tenant, cap_micros=cap, spent_micros=balance.spent_micros,
-            needed_micros=needed_micros, period=balance.period,
-        )  # fmt: skip
+            self.tenant,
+            cap_micros=cap,
+            spent_micros=balance.spent_micros,
+            needed_micros=needed_micros,
+            period=balance.period,
+        )
 
-    def _entry(self, period: str, kind: Kind, micros: int, model: str | None,
-               seq: int | None) -> Entry:  # fmt: skip
+    def _entry(
+        self, period: str, kind: Kind, micros: int, model: str | None, seq: int | None
+    ) -> Entry:
         return Entry(self.tenant, period, kind, micros, model, self._run_id, seq)

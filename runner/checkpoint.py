@@ -31,8 +31,20 @@ class _Flush:
 
 
 class Checkpointer:
-    __slots__ = ("_entries", "_failures", "_interval_s", "_max_batch", "_next", "_on_commit",
-                 "_outcomes", "_run_id", "_sends", "_store", "_wakeup", "commits")  # fmt: skip
+    __slots__ = (
+        "_entries",
+        "_failures",
+        "_interval_s",
+        "_max_batch",
+        "_next",
+        "_on_commit",
+        "_outcomes",
+        "_run_id",
+        "_sends",
+        "_store",
+        "_wakeup",
+        "commits",
+    )
 
     def __init__(
         self,

@@ -11,23 +11,27 @@ Exit codes a scheduler can act on:
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 import click
 
-from runner import api
+from runner import api, reports
+from runner.config import load_job
 from runner.errors import RunLocked, RunnerError
 from runner.pricing import micros_to_usd
-from runner.progress import ProgressDisplay, print_table, summary_table
+from runner.progress import ProgressDisplay, print_table, rows_table, summary_table
 from runner.records import Status
 from runner.simulator import SimulatorConfig, serve
+from runner.store import Store
 
 EXIT_OK, EXIT_UNFINISHED, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 3, 2, 4, 130
 F = TypeVar("F", bound=Callable[..., Any])
@@ -85,10 +89,14 @@ def submit(
     """Register JOB's input and run it to the end."""
     _run(
         functools.partial(
-            api.run_job_async, job, run_id=run_id, state=state, strict=strict,
+            api.run_job_async,
+            job,
+            run_id=run_id,
+            state=state,
+            strict=strict,
             retry_failed=retry_failed,
         )
-    )  # fmt: skip
+    )
 
 
 @main.command()
@@ -154,20 +162,30 @@ def status(run_id: str | None, as_json: bool, state: Path | None) -> None:
     if as_json:
         payload = [
             {
-                "run_id": info.run_id, "job": info.job_name, "phase": info.phase,
-                "rows": info.rows, "created_at": info.created_at, "updated_at": info.updated_at,
+                "run_id": info.run_id,
+                "job": info.job_name,
+                "phase": info.phase,
+                "rows": info.rows,
+                "created_at": info.created_at,
+                "updated_at": info.updated_at,
                 "tenants": [
-                    {"tenant": t.tenant,
-                     "by_status": {status.value: t.by_status.get(status.value, 0)
-                                   for status in Status},
-                     "prompt_tokens": t.prompt_tokens, "cached_tokens": t.cached_tokens,
-                     "completion_tokens": t.completion_tokens, "cost_micros": t.cost_micros,
-                     "cost_usd": micros_to_usd(t.cost_micros), "resends": t.resends}
+                    {
+                        "tenant": t.tenant,
+                        "by_status": {
+                            status.value: t.by_status.get(status.value, 0) for status in Status
+                        },
+                        "prompt_tokens": t.prompt_tokens,
+                        "cached_tokens": t.cached_tokens,
+                        "completion_tokens": t.completion_tokens,
+                        "cost_micros": t.cost_micros,
+                        "cost_usd": micros_to_usd(t.cost_micros),
+                        "resends": t.resends,
+                    }
                     for t in tenants
                 ],
             }
             for info, tenants in runs
-        ]  # fmt: skip
+        ]
         click.echo(json.dumps(payload, indent=2))
         return
     if not runs:
@@ -175,6 +193,120 @@ def status(run_id: str | None, as_json: bool, state: Path | None) -> None:
     for info, tenants in runs:
         title = f"run {info.run_id} ({info.job_name}, {info.phase}, {info.rows} rows)"
         print_table(summary_table(title, tenants))
+
+
+_format_option = click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+)
+
+
+@main.command()
+@click.option("--period", default=None, help="Month as YYYY-MM (default: this month, UTC).")
+@_format_option
+@_state_option
+@_exits
+def report(period: str | None, fmt: str, state: Path | None) -> None:
+    """Per-tenant usage and spend for a month, against each budget."""
+    with _open_store(state) as store:
+        month = period or reports.current_month()
+        rows = reports.as_dicts(reports.month_report(store, month))
+    _render(f"spend in {month}", rows, fmt)
+
+
+@main.command()
+@click.argument("tenant")
+@click.option("--period", default=None, help="Month as YYYY-MM (default: this month, UTC).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["json", "csv", "table"]),
+    default="json",
+    show_default=True,
+)
+@_state_option
+@_exits
+def invoice(tenant: str, period: str | None, fmt: str, state: Path | None) -> None:
+    """TENANT's invoice for a month: line items per model, top-ups, total."""
+    with _open_store(state) as store:
+        bill = reports.invoice_dict(
+            reports.invoice(store, tenant, period or reports.current_month())
+        )
+    if fmt == "json":
+        click.echo(json.dumps(bill, indent=2))
+        return
+    lines = cast(list[dict[str, object]], bill["lines"])
+    total = {"model": "TOTAL", "amount_usd": bill["total_usd"]}
+    _render(f"invoice {tenant} {bill['period']}", [*lines, total], fmt)
+    for topup in cast(list[dict[str, object]], bill["topups"]):
+        click.echo(f"top-up {topup['at']}: ${topup['amount_usd']} ({topup['reason']})")
+
+
+@main.command()
+@click.argument("tenant")
+@click.argument("amount")
+@click.option("--reason", required=True, help="Why the budget grows (kept in the ledger).")
+@click.option(
+    "--period", default=None, help="YYYY-MM, YYYY-MM-DD or 'total' (default: this month)."
+)
+@_state_option
+@_exits
+def topup(tenant: str, amount: str, reason: str, period: str | None, state: Path | None) -> None:
+    """Add AMOUNT US dollars to TENANT's budget for a period."""
+    with _open_store(state, create=True) as store:
+        entry = reports.topup(store, tenant, amount, reason=reason, period=period)
+    click.echo(
+        f"topped up {tenant} by ${reports.usd(entry.amount_micros)} for {entry.period}; "
+        "resume runs with deferred rows to send them"
+    )
+
+
+@main.command()
+@click.argument("job", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
+@_state_option
+@_exits
+def estimate(job: Path, fmt: str, state: Path | None) -> None:
+    """Dry run: rows, tokens and worst-case cost per tenant; nothing is sent."""
+    spec = load_job(job)
+    location = state or spec.job.state or api.state_path(None)
+    store = Store(location, create=False) if Path(location).exists() else None
+    try:
+        rows = reports.estimate_dicts(reports.estimate(spec, store))
+    finally:
+        if store is not None:
+            store.close()
+    _render(f"estimate for {job}", rows, fmt)
+
+
+@contextmanager
+def _open_store(state: Path | None, *, create: bool = False) -> Iterator[Store]:
+    store = Store(api.state_path(state), create=create)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _render(title: str, rows: list[dict[str, object]], fmt: str) -> None:
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+    elif fmt == "csv":
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({key: _cell(row.get(key)) for key in columns} for row in rows)
+    else:
+        print_table(rows_table(title, rows))
+
+
+def _cell(value: object) -> object:
+    return "" if value is None else ";".join(map(str, value)) if isinstance(value, list) else value
 
 
 @main.command()
@@ -187,12 +319,22 @@ def status(run_id: str | None, as_json: bool, state: Path | None) -> None:
 @click.option("--drop-rate", default=0.0, show_default=True, help="Fraction of dropped links.")
 @click.option("--seed", default=0, show_default=True, type=int)
 def simulate(
-    host: str, port: int, latency: float, rpm: int | None, tpm: int | None,
-    error_rate: float, drop_rate: float, seed: int,
-) -> None:  # fmt: skip
+    host: str,
+    port: int,
+    latency: float,
+    rpm: int | None,
+    tpm: int | None,
+    error_rate: float,
+    drop_rate: float,
+    seed: int,
+) -> None:
     """Start the bundled OpenAI-compatible simulator (GET /stats shows what it saw)."""
     config = SimulatorConfig(
-        latency_s=latency, rpm=rpm, tpm=tpm, error_rate=error_rate, drop_rate=drop_rate,
+        latency_s=latency,
+        rpm=rpm,
+        tpm=tpm,
+        error_rate=error_rate,
+        drop_rate=drop_rate,
         seed=seed,
-    )  # fmt: skip
+    )
     serve(config, host=host, port=port)

@@ -74,8 +74,16 @@ class InputMapping(_Section):
         return {getattr(self, name) for name in self.model_fields_set if name in _MAPPED_FIELDS}
 
 
-_MAPPED_FIELDS = ("id", "tenant", "prompt", "messages", "system", "model", "max_tokens",
-                  "temperature")  # fmt: skip
+_MAPPED_FIELDS = (
+    "id",
+    "tenant",
+    "prompt",
+    "messages",
+    "system",
+    "model",
+    "max_tokens",
+    "temperature",
+)
 
 
 class Defaults(_Section):

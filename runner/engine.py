@@ -69,8 +69,20 @@ class EngineSettings:
 
 
 class Engine:
-    __slots__ = ("_cancel", "_checkpointer", "_client", "_job", "_keys", "_lanes", "_prices",
-                 "_run_id", "_settings", "_store", "alerts", "stopping")  # fmt: skip
+    __slots__ = (
+        "_cancel",
+        "_checkpointer",
+        "_client",
+        "_job",
+        "_keys",
+        "_lanes",
+        "_prices",
+        "_run_id",
+        "_settings",
+        "_store",
+        "alerts",
+        "stopping",
+    )
 
     def __init__(
         self,
@@ -150,8 +162,20 @@ class Engine:
 class _Lane:
     """One tenant's pipeline: feeder -> bounded stream -> workers."""
 
-    __slots__ = ("_engine", "_key", "_policy", "_reserved", "_rng", "_settled", "_waits",
-                 "budget", "finished_counts", "limiter", "refused", "tenant")  # fmt: skip
+    __slots__ = (
+        "_engine",
+        "_key",
+        "_policy",
+        "_reserved",
+        "_rng",
+        "_settled",
+        "_waits",
+        "budget",
+        "finished_counts",
+        "limiter",
+        "refused",
+        "tenant",
+    )
 
     def __init__(self, engine: Engine, tenant: str, largest: int, policy: RetryPolicy) -> None:
         config = engine._job.tenants[tenant]
@@ -171,6 +195,8 @@ class _Lane:
         span = engine._settings.window_s + engine._settings.margin_s
         self.limiter.remember(engine._store.recent_sends(tenant, within_s=span))
         self.budget = BudgetGuard(tenant, config, engine._prices, engine._run_id)
+        if self.budget.cap_micros is not None:
+            engine._store.set_cap(tenant, self.budget.period(), self.budget.cap_micros)
         self._reserved = 0  # reservations of this lane not yet settled
         self._settled = anyio.Event()  # set (and replaced) whenever one settles
         self.refused: str | None = None
@@ -180,9 +206,13 @@ class _Lane:
     def progress(self) -> LaneProgress:
         stats = self.limiter.statistics()
         return LaneProgress(
-            self.tenant, dict(self.finished_counts), stats.in_flight, stats.waiting,
-            stats.paused_for_s, self.refused,
-        )  # fmt: skip
+            self.tenant,
+            dict(self.finished_counts),
+            stats.in_flight,
+            stats.waiting,
+            stats.paused_for_s,
+            self.refused,
+        )
 
     async def run(self) -> None:
         if isinstance(self._key, str):
@@ -304,9 +334,13 @@ class _Lane:
         return False, None
 
     async def _retry(
-        self, request: PendingRequest, attempt: int, this_run: int, error: Retryable,
+        self,
+        request: PendingRequest,
+        attempt: int,
+        this_run: int,
+        error: Retryable,
         reserved: Entry | None,
-    ) -> bool:  # fmt: skip
+    ) -> bool:
         """Record a failed attempt and wait before the next one; False when no
         attempt is left in this run (the row failed) or the lane stopped meanwhile."""
         engine = self._engine
@@ -323,9 +357,13 @@ class _Lane:
         return await self._wait(anyio.sleep(self._policy.backoff(this_run, self._rng)))
 
     def _succeed(
-        self, request: PendingRequest, attempt: int, reply: Reply, reserved: Entry | None,
+        self,
+        request: PendingRequest,
+        attempt: int,
+        reply: Reply,
+        reserved: Entry | None,
         worst: int,
-    ) -> None:  # fmt: skip
+    ) -> None:
         cost, entries = self.budget.settle(
             reserved, seq=request.seq, model=request.model, usage=reply.usage, worst_micros=worst
         )
@@ -345,9 +383,13 @@ class _Lane:
         self._finish(outcome, entries, settled=reserved is not None)
 
     def _end(
-        self, request: PendingRequest, status: Status, attempt: int, error: str,
+        self,
+        request: PendingRequest,
+        status: Status,
+        attempt: int,
+        error: str,
         reserved: Entry | None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """An outcome without a response: its reservation is released."""
         outcome = Outcome(request.seq, status, attempt, error=error)
         self._finish(outcome, self.budget.release(reserved), settled=reserved is not None)

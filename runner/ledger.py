@@ -116,6 +116,7 @@ CREATE TABLE balances (
     charged_micros INTEGER NOT NULL DEFAULT 0,
     reserved_micros INTEGER NOT NULL DEFAULT 0,
     held_micros INTEGER NOT NULL DEFAULT 0,
+    cap_micros INTEGER,                -- the cap the last run for this period applied
     PRIMARY KEY (tenant, period)
 );
 CREATE TABLE alerts (
@@ -137,10 +138,22 @@ def record(conn: sqlite3.Connection, entries: Iterable[Entry], at: str) -> None:
     for entry in entries:
         prices = entry.prices or (None, None, None)
         rows.append(
-            (entry.tenant, entry.period, entry.kind.value, entry.amount_micros, entry.model,
-             entry.run_id, entry.seq, entry.reason, entry.prompt_tokens, entry.cached_tokens,
-             entry.completion_tokens, *prices, at)
-        )  # fmt: skip
+            (
+                entry.tenant,
+                entry.period,
+                entry.kind.value,
+                entry.amount_micros,
+                entry.model,
+                entry.run_id,
+                entry.seq,
+                entry.reason,
+                entry.prompt_tokens,
+                entry.cached_tokens,
+                entry.completion_tokens,
+                *prices,
+                at,
+            )
+        )
         column, sign = _EFFECT[entry.kind]
         key = (entry.tenant, entry.period, column)
         deltas[key] = deltas.get(key, 0) + sign * entry.amount_micros
@@ -156,6 +169,15 @@ def record(conn: sqlite3.Connection, entries: Iterable[Entry], at: str) -> None:
             f" ON CONFLICT (tenant, period) DO UPDATE SET {column} = {column} + excluded.{column}",
             (tenant, period, delta),
         )
+
+
+def set_cap(conn: sqlite3.Connection, tenant: str, period: str, cap_micros: int) -> None:
+    """Remember the cap a run applies to the period, for reports."""
+    conn.execute(
+        "INSERT INTO balances (tenant, period, cap_micros) VALUES (?, ?, ?)"
+        " ON CONFLICT (tenant, period) DO UPDATE SET cap_micros = excluded.cap_micros",
+        (tenant, period, cap_micros),
+    )
 
 
 def balance(conn: sqlite3.Connection, tenant: str, period: str) -> Balance:
@@ -178,3 +200,99 @@ def record_alert(
         (balance.tenant, balance.period, threshold, balance.spent_micros, cap_micros, at),
     )
     return cursor.rowcount == 1
+
+
+# -- report queries: spend by the UTC month of its ledger row ------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TenantMonth:
+    tenant: str
+    requests: int  # charged or held responses
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    charged_micros: int
+    unknown_cost: int  # responses without usage (held at their worst case)
+    held_micros: int
+    topup_micros: int
+    cap_micros: int | None  # the monthly cap, when the tenant has one
+
+
+def month_summary(conn: sqlite3.Connection, month: str) -> list[TenantMonth]:
+    rows = conn.execute(
+        """
+        SELECT l.tenant,
+               SUM(l.kind IN ('charge', 'hold')),
+               TOTAL(CASE WHEN l.kind = 'charge' THEN l.prompt_tokens END),
+               TOTAL(CASE WHEN l.kind = 'charge' THEN l.cached_tokens END),
+               TOTAL(CASE WHEN l.kind = 'charge' THEN l.completion_tokens END),
+               TOTAL(CASE WHEN l.kind = 'charge' THEN l.amount_micros END),
+               SUM(l.kind = 'hold'),
+               TOTAL(CASE WHEN l.kind = 'hold' THEN l.amount_micros END),
+               TOTAL(CASE WHEN l.kind = 'topup' AND l.period = :month THEN l.amount_micros END),
+               (SELECT cap_micros FROM balances b WHERE b.tenant = l.tenant AND b.period = :month)
+        FROM ledger l
+        WHERE substr(l.at, 1, 7) = :month OR (l.kind = 'topup' AND l.period = :month)
+        GROUP BY l.tenant ORDER BY l.tenant
+        """,
+        {"month": month},
+    ).fetchall()
+    return [
+        TenantMonth(
+            tenant,
+            int(requests or 0),
+            int(prompt),
+            int(cached),
+            int(completion),
+            int(charged),
+            int(unknown or 0),
+            int(held),
+            int(topup),
+            cap,
+        )
+        for tenant, requests, prompt, cached, completion, charged, unknown, held, topup, cap in rows
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class InvoiceLine:
+    model: str
+    prices: tuple[int, int, int]  # input, cached input, output: micro-USD per million
+    requests: int
+    prompt_tokens: int  # cached ones included
+    cached_tokens: int
+    completion_tokens: int
+    amount_micros: int
+
+
+def invoice_lines(conn: sqlite3.Connection, tenant: str, month: str) -> list[InvoiceLine]:
+    rows = conn.execute(
+        "SELECT model, price_input, price_cached_input, price_output, COUNT(*),"
+        " TOTAL(prompt_tokens), TOTAL(cached_tokens), TOTAL(completion_tokens),"
+        " TOTAL(amount_micros) FROM ledger"
+        " WHERE tenant = ? AND kind = 'charge' AND substr(at, 1, 7) = ?"
+        " GROUP BY model, price_input, price_cached_input, price_output ORDER BY model",
+        (tenant, month),
+    ).fetchall()
+    return [
+        InvoiceLine(
+            model,
+            (p_in, p_cached, p_out),
+            int(n),
+            int(prompt),
+            int(cached),
+            int(completion),
+            int(amount),
+        )
+        for model, p_in, p_cached, p_out, n, prompt, cached, completion, amount in rows
+    ]
+
+
+def topups(conn: sqlite3.Connection, tenant: str, month: str) -> list[tuple[str, int, str]]:
+    """(at, amount, reason) of the top-ups for `month` (or days of it)."""
+    return conn.execute(
+        "SELECT at, amount_micros, reason FROM ledger WHERE tenant = ? AND kind = 'topup'"
+        " AND substr(period, 1, 7) = ? ORDER BY at",
+        (tenant, month),
+    ).fetchall()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -82,15 +82,30 @@ class ProgressDisplay:
 
 def _progress_table(snapshot: Sequence[TenantProgress]) -> Table:
     table = Table(title="runner: progress per tenant")
-    for column in ("tenant", "finished", "done", "failed", "deferred", "rejected",
-                   "in flight", "waiting", "paused"):  # fmt: skip
+    for column in (
+        "tenant",
+        "finished",
+        "done",
+        "failed",
+        "deferred",
+        "rejected",
+        "in flight",
+        "waiting",
+        "paused",
+    ):
         table.add_column(column, justify="left" if column == "tenant" else "right")
     for t in snapshot:
         table.add_row(
-            t.tenant, f"{t.finished}/{t.total}", str(t.done), str(t.failed), str(t.deferred),
-            str(t.rejected), str(t.in_flight), str(t.waiting),
+            t.tenant,
+            f"{t.finished}/{t.total}",
+            str(t.done),
+            str(t.failed),
+            str(t.deferred),
+            str(t.rejected),
+            str(t.in_flight),
+            str(t.waiting),
             f"{t.paused_for_s:.1f}s" if t.paused_for_s > 0 else "",
-        )  # fmt: skip
+        )
     return table
 
 
@@ -121,10 +136,32 @@ def summary_table(title: str, tenants: Sequence[TenantCounts]) -> Table:
 def _row_values(t: TenantCounts) -> list[str]:
     return [
         *(str(t.by_status.get(status, 0)) for status in _STATUSES),
-        str(t.prompt_tokens), str(t.cached_tokens), str(t.completion_tokens),
-        f"{micros_to_usd(t.cost_micros):.6f}", str(t.resends),
-    ]  # fmt: skip
+        str(t.prompt_tokens),
+        str(t.cached_tokens),
+        str(t.completion_tokens),
+        f"{micros_to_usd(t.cost_micros):.6f}",
+        str(t.resends),
+    ]
 
 
 def print_table(table: Table, stream: TextIO | None = None) -> None:
     Console(file=stream or sys.stdout, width=160).print(table)
+
+
+def rows_table(title: str, rows: Sequence[Mapping[str, object]]) -> Table:
+    """Any list of flat records as a table (reports, invoices, estimates)."""
+    table = Table(title=title)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    for index, column in enumerate(columns):
+        table.add_column(column, justify="left" if index == 0 else "right")
+    for row in rows:
+        table.add_row(*(_text(row.get(column)) for column in columns))
+    return table
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list | set):
+        return ", ".join(map(str, value))
+    return str(value)

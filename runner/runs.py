@@ -29,9 +29,8 @@ from runner.records import Rejection, Request, Status
 from runner.secrets import resolve_keys
 from runner.simulator import SimulatorConfig, running_simulator
 from runner.sinks import write_batch_jsonl, write_parquet
-from runner.sources import detect_format, open_source
 from runner.store import Store, TenantCounts
-from runner.validate import Validator
+from runner.validate import check_input, input_format
 
 log = logging.getLogger("runner")
 ProgressCallback = Callable[[Sequence[TenantProgress]], None]
@@ -44,23 +43,19 @@ DEMO_SIMULATOR = SimulatorConfig(latency_s=0.05, latency_jitter_s=0.1)
 def register(store: Store, run_id: str, job: Job, *, strict: bool = False) -> int:
     """Read, validate and register every input row; returns the row count."""
     source = job.job.input
-    kind = detect_format(source) if job.input.format == "auto" else job.input.format
     store.create_run(
-        run_id, job_name=job.job.name, job_json=job.to_json(), input_path=str(source),
-        input_format=kind, output_path=str(job.job.output),
-    )  # fmt: skip
+        run_id,
+        job_name=job.job.name,
+        job_json=job.to_json(),
+        input_path=str(source),
+        input_format=input_format(job),
+        output_path=str(job.job.output),
+    )
     try:
-        validator = Validator(job, job.price_table())
         rows = 0
-        for batch in open_source(source, job.input.model_copy(update={"format": kind})):
-            requests: list[Request] = []
-            rejections: list[Rejection] = []
-            for row in batch.rows:
-                checked = validator.check(row)
-                if isinstance(checked, Request):
-                    requests.append(checked)
-                else:
-                    rejections.append(checked)
+        for batch, checked in check_input(job, job.price_table()):
+            requests = [item for item in checked if isinstance(item, Request)]
+            rejections = [item for item in checked if isinstance(item, Rejection)]
             store.register(run_id, requests, rejections, batch.carried, batch.rows[0].seq)
             rows += len(batch.rows)
         store.reject_duplicate_ids(run_id)
@@ -117,9 +112,14 @@ async def execute(
         )
         stack.push_async_callback(client.aclose)
         engine = Engine(
-            store, run_id, job, keys=keys, client=client, prices=job.price_table(),
+            store,
+            run_id,
+            job,
+            keys=keys,
+            client=client,
+            prices=job.price_table(),
             settings=settings,
-        )  # fmt: skip
+        )
         async with anyio.create_task_group() as group:
             if handle_signals:
                 group.start_soon(_stop_on_signals, engine, settings.grace_s)
@@ -165,8 +165,10 @@ async def _stop_on_signals(engine: Engine, grace_s: float) -> None:
                 in_flight = sum(lane.in_flight for lane in engine.progress())
                 log.warning(
                     "stopping: no new requests; waiting up to %.0fs for %d in flight "
-                    "(interrupt again to stop at once)", grace_s, in_flight,
-                )  # fmt: skip
+                    "(interrupt again to stop at once)",
+                    grace_s,
+                    in_flight,
+                )
                 engine.stop()
 
 

@@ -43,10 +43,33 @@ MODELS = ("gpt-4.1", "claude-sonnet-4.5", "gemini-2.5-flash", "deepseek-v3.2")
 DEFAULT_COMPLETION_LIMIT = 16
 _TOKEN = re.compile(r"([A-Za-z]+)|([0-9]+)|\S")
 _VOCAB = (
-    "the", "batch", "model", "answer", "token", "queue", "window", "steady", "simulated",
-    "reply", "result", "limit", "fair", "tenant", "runner", "quiet", "request", "data",
-    "value", "prompt", "a", "of", "and", "every", "stable", "checkpoint",
-)  # fmt: skip
+    "the",
+    "batch",
+    "model",
+    "answer",
+    "token",
+    "queue",
+    "window",
+    "steady",
+    "simulated",
+    "reply",
+    "result",
+    "limit",
+    "fair",
+    "tenant",
+    "runner",
+    "quiet",
+    "request",
+    "data",
+    "value",
+    "prompt",
+    "a",
+    "of",
+    "and",
+    "every",
+    "stable",
+    "checkpoint",
+)
 _REFUSALS = {
     401: ("authentication_error", "invalid_api_key"),
     402: ("insufficient_quota", "insufficient_quota"),
@@ -78,6 +101,7 @@ class SimulatorConfig:
     malformed_rate: float = 0.0
     no_usage_rate: float = 0.0
     refuse: Mapping[str, int] = field(default_factory=dict)
+    refuse_after: int = 0  # keys in `refuse` are answered normally this many times first
     retry_after: str = "seconds"
     cached_fraction: float = 0.0
     reasoning_tokens: int = 0
@@ -255,12 +279,14 @@ class _State:
             "tenant_mismatch": self.counts["tenant_mismatch"],
             "by_status": dict(self.by_status),
             "per_key": {k: {f: getattr(s, f) for f in _PER_KEY} for k, s in per_key},
-            "per_tenant_header": {t: {"requests": c["requests"], "ok": c["ok"]}
-                                  for t, c in self.tenants.items()},
-            "client_request_ids": {i: {"received": c["received"], "ok": c["ok"]}
-                                   for i, c in self.ids.items()},
+            "per_tenant_header": {
+                t: {"requests": c["requests"], "ok": c["ok"]} for t, c in self.tenants.items()
+            },
+            "client_request_ids": {
+                i: {"received": c["received"], "ok": c["ok"]} for i, c in self.ids.items()
+            },
             **{f: {k: getattr(s, f) for k, s in per_key} for f in _PER_LABEL},
-        }  # fmt: skip
+        }
 
     def rate_limited(self, req_wait: float, tok_wait: float) -> web.Response:
         """A 429 whose hint, in the configured form, is never earlier than the window allows."""
@@ -338,7 +364,7 @@ async def _chat(request: web.Request) -> web.Response:
         return state.reply(401, _error(message, "invalid_request_error", "invalid_api_key"))
     stats = state.per_key.setdefault(state.label(key), _KeyStats())
     stats.requests += 1
-    if key in cfg.refuse:
+    if key in cfg.refuse and stats.ok >= cfg.refuse_after:
         status = cfg.refuse[key]
         message = f"Requests with this API key are refused ({status})."
         return state.reply(status, _error(message, *_REFUSALS[status]))

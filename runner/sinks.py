@@ -95,9 +95,10 @@ def _result_arrays(results: list[tuple[Any, ...]]) -> list[pa.Array]:
 
     values: dict[str, Any] = {
         "id": column("row_id"),
-        "cost_usd": [None if micros is None else micros_to_usd(micros)
-                     for micros in column("cost_micros")],
-    }  # fmt: skip
+        "cost_usd": [
+            None if micros is None else micros_to_usd(micros) for micros in column("cost_micros")
+        ],
+    }
     return [
         pa.array(values[field.name] if field.name in values else column(field.name), field.type)
         for field in RESULT_SCHEMA
@@ -151,8 +152,10 @@ def _conform(batch: pa.RecordBatch, source: str, field: pa.Field) -> pa.Array:
     if array.type == field.type:
         return array
     if field.type == pa.string() and not pa.types.is_string(array.type):
-        texts = [None if v is None else json.dumps(v, ensure_ascii=False, default=str)
-                 for v in array.to_pylist()]  # fmt: skip
+        texts = [
+            None if v is None else json.dumps(v, ensure_ascii=False, default=str)
+            for v in array.to_pylist()
+        ]
         return pa.array(texts, pa.string())
     return array.cast(field.type)
 

@@ -22,11 +22,11 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 from sqlite_utils import Database
@@ -38,6 +38,7 @@ from runner.ledger import Balance, Entry, Kind
 from runner.records import Outcome, Rejection, Request
 
 migrations = Migrations("runner")
+T = TypeVar("T")
 
 
 @migrations()
@@ -220,9 +221,15 @@ class Store:
     # -- runs -----------------------------------------------------------------
 
     def create_run(
-        self, run_id: str, *, job_name: str, job_json: str, input_path: str,
-        input_format: str, output_path: str,
-    ) -> None:  # fmt: skip
+        self,
+        run_id: str,
+        *,
+        job_name: str,
+        job_json: str,
+        input_path: str,
+        input_format: str,
+        output_path: str,
+    ) -> None:
         now = utc_now()
         with self._write():
             self.db.execute(
@@ -275,9 +282,13 @@ class Store:
     # -- registration ---------------------------------------------------------
 
     def register(
-        self, run_id: str, requests: Sequence[Request], rejections: Sequence[Rejection],
-        carried: pa.RecordBatch, first_seq: int,
-    ) -> None:  # fmt: skip
+        self,
+        run_id: str,
+        requests: Sequence[Request],
+        rejections: Sequence[Rejection],
+        carried: pa.RecordBatch,
+        first_seq: int,
+    ) -> None:
         """One input batch: its rows and its carried columns, in one transaction."""
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, carried.schema) as writer:
@@ -287,12 +298,20 @@ class Store:
                 "INSERT INTO requests (run_id, seq, row_id, tenant, model, source, status,"
                 " body, prompt_estimate, max_tokens) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
                 [
-                    (run_id, r.seq, r.row_id, r.tenant, r.model, r.where,
-                     json.dumps(r.body, ensure_ascii=False, separators=(",", ":")),
-                     r.prompt_tokens_estimate, r.max_tokens)
+                    (
+                        run_id,
+                        r.seq,
+                        r.row_id,
+                        r.tenant,
+                        r.model,
+                        r.where,
+                        json.dumps(r.body, ensure_ascii=False, separators=(",", ":")),
+                        r.prompt_tokens_estimate,
+                        r.max_tokens,
+                    )
                     for r in requests
                 ],
-            )  # fmt: skip
+            )
             self.db.conn.executemany(
                 "INSERT INTO requests (run_id, seq, row_id, tenant, model, source, status, error)"
                 " VALUES (?, ?, ?, ?, ?, ?, 'rejected', ?)",
@@ -304,9 +323,14 @@ class Store:
             self.db.execute(
                 "INSERT INTO carried (run_id, first_seq, num_rows, schema, data)"
                 " VALUES (?, ?, ?, ?, ?)",
-                [run_id, first_seq, carried.num_rows, carried.schema.serialize().to_pybytes(),
-                 sink.getvalue().to_pybytes()],
-            )  # fmt: skip
+                [
+                    run_id,
+                    first_seq,
+                    carried.num_rows,
+                    carried.schema.serialize().to_pybytes(),
+                    sink.getvalue().to_pybytes(),
+                ],
+            )
 
     def rejections(self, run_id: str, *, limit: int) -> list[tuple[str, str]]:
         """(where, error) of the first `limit` rejected rows, in input order."""
@@ -465,6 +489,17 @@ class Store:
     def balance(self, tenant: str, period: str) -> Balance:
         return ledger.balance(self.db.conn, tenant, period)
 
+    def set_cap(self, tenant: str, period: str, cap_micros: int) -> None:
+        with self._write():
+            ledger.set_cap(self.db.conn, tenant, period, cap_micros)
+
+    def read_ledger(self, read: Callable[[sqlite3.Connection], T]) -> T:
+        """Run one of `ledger`'s report queries."""
+        try:
+            return read(self.db.conn)
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: {exc}") from None
+
     def add_entries(self, entries: Iterable[Entry]) -> None:
         """Ledger entries outside a run (top-ups)."""
         with self._write():
@@ -573,10 +608,24 @@ class Store:
 
 
 RESULT_COLUMNS = (
-    "seq", "row_id", "tenant", "model", "status", "response", "finish_reason",
-    "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "cost_micros",
-    "attempts", "resends", "latency_ms", "error", "raw_body",
-)  # fmt: skip
+    "seq",
+    "row_id",
+    "tenant",
+    "model",
+    "status",
+    "response",
+    "finish_reason",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+    "reasoning_tokens",
+    "cost_micros",
+    "attempts",
+    "resends",
+    "latency_ms",
+    "error",
+    "raw_body",
+)
 
 
 def _outcome_values(outcome: Outcome) -> tuple[Any, ...]:

@@ -77,12 +77,29 @@ _NOT_VISIBLE = _LETTERS + _DIGITS + b" \t\r\n\x0b\x0c" + bytes(range(0x1C, 0x20)
 # charge their JSON form. Sampling knobs such as temperature cost nothing.
 _FREE_KEYS = frozenset(
     {
-        "model", "messages", "max_tokens", "max_completion_tokens", "temperature",
-        "top_p", "n", "stream", "stop", "seed", "presence_penalty", "frequency_penalty",
-        "logit_bias", "user", "logprobs", "top_logprobs", "store", "metadata",
-        "service_tier", "parallel_tool_calls", "reasoning_effort",
+        "model",
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "n",
+        "stream",
+        "stop",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "user",
+        "logprobs",
+        "top_logprobs",
+        "store",
+        "metadata",
+        "service_tier",
+        "parallel_tool_calls",
+        "reasoning_effort",
     }
-)  # fmt: skip
+)
 
 
 def text_tokens(text: str) -> int:

@@ -11,17 +11,33 @@ could not account for its money (a price of zero is never assumed).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-from runner.config import Job
+from runner.config import InputFormat, Job
 from runner.errors import ConfigError
 from runner.pricing import Price
 from runner.records import InputRow, Rejection, Request
+from runner.sources import SourceBatch, detect_format, open_source
 from runner.tokens import prompt_tokens
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _CHAT_PATH = "/chat/completions"
+
+
+def input_format(job: Job) -> InputFormat:
+    """The job's input format, as its `[input] format` says or the file name shows."""
+    return detect_format(job.job.input) if job.input.format == "auto" else job.input.format
+
+
+def check_input(
+    job: Job, prices: Mapping[str, Price]
+) -> Iterator[tuple[SourceBatch, list[Request | Rejection]]]:
+    """Stream the job's input: each batch with its rows checked, in input order."""
+    validator = Validator(job, prices)
+    mapping = job.input.model_copy(update={"format": input_format(job)})
+    for batch in open_source(job.job.input, mapping):
+        yield batch, [validator.check(row) for row in batch.rows]
 
 
 class _Bad(Exception):

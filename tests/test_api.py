@@ -14,11 +14,26 @@ from tests.conftest import SHARED_DATA, JobWriter
 
 def test_the_public_api_is_pinned() -> None:
     assert runner.__all__ == [
-        "BudgetExhausted", "ConfigError", "InputError", "Job", "ProviderError", "RateLimited",
-        "RequestRejected", "Retryable", "RunResult", "RunnerError", "StateError", "Status",
-        "TenantRefused", "load_job", "resume", "resume_async", "run_job", "run_job_async",
+        "BudgetExhausted",
+        "ConfigError",
+        "InputError",
+        "Job",
+        "ProviderError",
+        "RateLimited",
+        "RequestRejected",
+        "Retryable",
+        "RunResult",
+        "RunnerError",
+        "StateError",
+        "Status",
+        "TenantRefused",
+        "load_job",
+        "resume",
+        "resume_async",
+        "run_job",
+        "run_job_async",
         "status",
-    ]  # fmt: skip
+    ]
     for name in runner.__all__:
         assert getattr(runner, name) is not None
 

@@ -11,8 +11,10 @@ from tests.conftest import REPO
 def test_limits_benchmark_quick_run_reports_every_tenant_without_429s() -> None:
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "limits.py"), "--quick"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith("limits: 3 tenants")

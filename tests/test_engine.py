@@ -34,8 +34,12 @@ def write_input(tmp_path: Path, rows: int, tenants: tuple[str, ...] = tuple(KEYS
     path = tmp_path / "in.jsonl"
     with path.open("w", encoding="utf-8") as handle:
         for index in range(rows):
-            row = {"id": f"r{index}", "tenant": tenants[index % len(tenants)],
-                   "prompt": f"Question {index}: what is {index} squared?", "n": index}  # fmt: skip
+            row = {
+                "id": f"r{index}",
+                "tenant": tenants[index % len(tenants)],
+                "prompt": f"Question {index}: what is {index} squared?",
+                "n": index,
+            }
             handle.write(json.dumps(row) + "\n")
     return path
 
@@ -60,8 +64,10 @@ async def test_every_row_is_done_once_with_its_own_tenants_key(
     assert stats["tenant_mismatch"] == 0
     assert stats["by_status"] == {"200": 60}
     assert {label: entry["ok"] for label, entry in stats["per_key"].items()} == {
-        "acme": 20, "globex": 20, "initech": 20,
-    }  # fmt: skip
+        "acme": 20,
+        "globex": 20,
+        "initech": 20,
+    }
     assert all(entry == {"received": 1, "ok": 1} for entry in stats["client_request_ids"].values())
     rows = output_rows(tmp_path)
     assert [row["id"] for row in rows] == [f"r{index}" for index in range(60)]
@@ -97,15 +103,20 @@ async def test_limits_hold_at_a_strict_server_without_a_single_429(
     tmp_path: Path, write_job: JobWriter
 ) -> None:
     # A 2-second window stands for the minute: 10 requests per window per key.
-    tenants = {"acme": {"rpm": 10, "tpm": 100_000, "max_parallel": 8},
-               "globex": {"rpm": 10, "tpm": 100_000, "max_parallel": 8}}  # fmt: skip
+    tenants = {
+        "acme": {"rpm": 10, "tpm": 100_000, "max_parallel": 8},
+        "globex": {"rpm": 10, "tpm": 100_000, "max_parallel": 8},
+    }
     config = SimulatorConfig(rpm=10, window_s=2.0, keys=SIM_KEYS)
     async with running_simulator(config) as sim:
         result = await run(
-            write_job(write_input(tmp_path, 40, ("acme", "globex")), base_url=sim.base_url,
-                      tenants=tenants),
+            write_job(
+                write_input(tmp_path, 40, ("acme", "globex")),
+                base_url=sim.base_url,
+                tenants=tenants,
+            ),
             settings=EngineSettings(window_s=2.0, margin_s=0.1),
-        )  # fmt: skip
+        )
         stats = sim.stats()
     assert result.counts == {"done": 40}
     assert stats["by_status"] == {"200": 40}
@@ -119,9 +130,12 @@ async def test_a_429_pauses_the_lane_and_every_row_still_finishes(
     config = SimulatorConfig(rpm=4, window_s=1.0, retry_after="fractional")
     async with running_simulator(config) as sim:
         result = await run(
-            write_job(write_input(tmp_path, 12, ("acme",)), base_url=sim.base_url,
-                      provider="max_attempts = 20\nbackoff_base_s = 0.01\nmax_backoff_s = 1"),
-        )  # fmt: skip
+            write_job(
+                write_input(tmp_path, 12, ("acme",)),
+                base_url=sim.base_url,
+                provider="max_attempts = 20\nbackoff_base_s = 0.01\nmax_backoff_s = 1",
+            ),
+        )
         stats = sim.stats()
     assert result.counts == {"done": 12}
     assert stats["by_status"]["200"] == 12
@@ -139,9 +153,12 @@ async def test_server_errors_and_dropped_connections_are_retried_with_backoff(
     config = SimulatorConfig(error_rate=0.3, drop_rate=0.1, malformed_rate=0.1, seed=7)
     async with running_simulator(config) as sim:
         result = await run(
-            write_job(write_input(tmp_path, 40), base_url=sim.base_url,
-                      provider="max_attempts = 10\nbackoff_base_s = 0.001\nmax_backoff_s = 0.01"),
-        )  # fmt: skip
+            write_job(
+                write_input(tmp_path, 40),
+                base_url=sim.base_url,
+                provider="max_attempts = 10\nbackoff_base_s = 0.001\nmax_backoff_s = 0.01",
+            ),
+        )
         stats = sim.stats()
     assert result.counts == {"done": 40}
     rows = output_rows(tmp_path)
@@ -218,8 +235,12 @@ async def test_a_request_the_provider_rejects_fails_with_the_providers_message(
     tmp_path: Path, write_job: JobWriter
 ) -> None:
     path = tmp_path / "batch.jsonl"
-    line = {"custom_id": "s1", "method": "POST", "url": "/v1/chat/completions",
-            "body": {"messages": [{"role": "user", "content": "hi"}], "stream": True}}  # fmt: skip
+    line = {
+        "custom_id": "s1",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"messages": [{"role": "user", "content": "hi"}], "stream": True},
+    }
     path.write_text(json.dumps(line) + "\n", encoding="utf-8")
     async with running_simulator() as sim:
         result = await run(write_job(path, base_url=sim.base_url))

@@ -15,8 +15,14 @@ from runner.store import Store
 
 
 def register(store: Store, batches: list[pa.RecordBatch]) -> None:
-    store.create_run("r", job_name="j", job_json="{}", input_path="in", input_format="jsonl",
-                     output_path="out.parquet")  # fmt: skip
+    store.create_run(
+        "r",
+        job_name="j",
+        job_json="{}",
+        input_path="in",
+        input_format="jsonl",
+        output_path="out.parquet",
+    )
     seq = 0
     for batch in batches:
         requests = []

@@ -22,8 +22,14 @@ def request(seq: int, row_id: str, tenant: str = "acme") -> Request:
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     store = Store(tmp_path / "state.db")
-    store.create_run("r", job_name="j", job_json="{}", input_path="in.jsonl",
-                     input_format="jsonl", output_path="out.parquet")  # fmt: skip
+    store.create_run(
+        "r",
+        job_name="j",
+        job_json="{}",
+        input_path="in.jsonl",
+        input_format="jsonl",
+        output_path="out.parquet",
+    )
     requests = [request(0, "a"), request(1, "b", "globex"), request(2, "a"), request(4, "c")]
     rejection = Rejection(3, "d", "acme", "m", "in.jsonl:4", "not valid JSON")
     carried = pa.record_batch({"n": list(range(5))})

@@ -112,13 +112,23 @@ def test_an_unpriced_model_refuses_the_whole_submit_naming_model_and_row(job: Jo
 
 
 def batch(body: Any, **extra: Any) -> dict[str, Any]:
-    return {"batch": True, "custom_id": "r1", "method": "POST", "url": "/v1/chat/completions",
-            "body": body, **extra}  # fmt: skip
+    return {
+        "batch": True,
+        "custom_id": "r1",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": body,
+        **extra,
+    }
 
 
 def test_a_batch_line_keeps_its_body_and_max_completion_tokens(job: Job) -> None:
-    body = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}],
-            "max_completion_tokens": 50, "seed": 3}  # fmt: skip
+    body = {
+        "model": "gpt-4.1",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_completion_tokens": 50,
+        "seed": 3,
+    }
     request = check(job, batch(body, tenant="acme"))
     assert isinstance(request, Request)
     assert (request.row_id, request.tenant, request.max_tokens) == ("r1", "acme", 50)
