@@ -303,9 +303,15 @@ class _Lane:
                 self._end(request, Status.FAILED, attempt, str(error), reserved)
                 return
             except Retryable as error:
-                if await self._retry(request, attempt, attempt - first, error, reserved):
-                    continue
-                return
+                engine._checkpointer.fail_attempt(
+                    FailedAttempt(request.seq, attempt, error.status, str(error))
+                )
+                if attempt - first >= self._policy.max_attempts:
+                    text = f"{error} (gave up after {attempt - first} attempts)"
+                    self._end(request, Status.FAILED, attempt, text, reserved)
+                    return
+                await self._back_off(error, attempt - first)
+                continue
             self._succeed(request, attempt, reply, reserved, worst)
             return
         if self.refused and not engine.stopping:
@@ -333,28 +339,13 @@ class _Lane:
             await self._wait(self._settled.wait())
         return False, None
 
-    async def _retry(
-        self,
-        request: PendingRequest,
-        attempt: int,
-        this_run: int,
-        error: Retryable,
-        reserved: Entry | None,
-    ) -> bool:
-        """Record a failed attempt and wait before the next one; False when no
-        attempt is left in this run (the row failed) or the lane stopped meanwhile."""
-        engine = self._engine
-        engine._checkpointer.fail_attempt(
-            FailedAttempt(request.seq, attempt, error.status, str(error))
-        )
-        if this_run >= self._policy.max_attempts:
-            text = f"{error} (gave up after {this_run} attempts)"
-            self._end(request, Status.FAILED, attempt, text, reserved)
-            return False
+    async def _back_off(self, error: Retryable, attempts: int) -> None:
+        """Before the next attempt: a 429 pauses the whole lane (the server's hint,
+        else backoff); other errors make this request alone wait."""
         if isinstance(error, RateLimited):
-            self.limiter.pause(self._policy.wait_after(this_run, error.retry_after, self._rng))
-            return self._active()
-        return await self._wait(anyio.sleep(self._policy.backoff(this_run, self._rng)))
+            self.limiter.pause(self._policy.wait_after(attempts, error.retry_after, self._rng))
+        else:
+            await self._wait(anyio.sleep(self._policy.backoff(attempts, self._rng)))
 
     def _succeed(
         self,

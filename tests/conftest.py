@@ -84,6 +84,8 @@ def write_job(tmp_path: Path) -> JobWriter:
 
 
 def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, str):
         return f'"{value}"'
     if isinstance(value, list):

@@ -94,3 +94,51 @@ def test_not_toml_and_missing_files_name_the_file(tmp_path: Path) -> None:
 def test_a_base_url_must_be_http(write_job: JobWriter) -> None:
     with pytest.raises(ConfigError, match=r"\[provider\] base_url"):
         load_job(write_job(Path("in.jsonl"), base_url="ftp://example"))
+
+
+@pytest.mark.parametrize(
+    ("tenant_settings", "expected"),
+    [
+        ({"rpm": True}, r"\[tenants.acme\] rpm: Input should be a valid integer"),
+        ({"rpm": "600"}, r"\[tenants.acme\] rpm: Input should be a valid integer"),
+        ({"monthly_budget_usd": -1}, r"monthly_budget_usd: Input should be greater than or equal"),
+        ({"allowed_models": "gpt-4.1"}, r"allowed_models: Input should be a valid list"),
+        ({"budget_period": "week"}, r"budget_period: Input should be 'month', 'day' or 'total'"),
+    ],
+)
+def test_wrong_types_are_not_silently_converted(
+    write_job: JobWriter, tenant_settings: dict[str, object], expected: str
+) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_job(write_job(Path("in.jsonl"), tenants={"acme": tenant_settings}))
+
+
+@pytest.mark.parametrize(
+    ("provider", "expected"),
+    [
+        ("timeout_s = inf", r"\[provider\] timeout_s: Input should be a finite number"),
+        ("max_backoff_s = nan", r"\[provider\] max_backoff_s: Input should be a finite number"),
+        ('timeout_s = "60"', r"\[provider\] timeout_s: Input should be a valid number"),
+    ],
+)
+def test_provider_numbers_must_be_finite_numbers(
+    write_job: JobWriter, provider: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_job(write_job(Path("in.jsonl"), provider=provider))
+
+
+def test_the_output_must_be_a_parquet_file(tmp_path: Path) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text(
+        '[job]\nname = "j"\ninput = "in.jsonl"\noutput = "out.csv"\n[tenants.a]\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError, match=r"\[job\] output: .*must end in \.parquet"):
+        load_job(path)
+
+
+def test_a_price_multiplier_scales_every_price(write_job: JobWriter) -> None:
+    job = load_job(write_job(Path("in.jsonl"), provider="price_multiplier = 0.8"))
+    assert job.price_table()["deepseek-v3.2"].output == 336_000  # 0.42 * 0.8
+    assert job.price_table()["gpt-4.1"].cached_input == 400_000  # 0.50 * 0.8

@@ -6,12 +6,16 @@ the state database, the output Parquet, and what the simulator saw.
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from aiohttp import web
 
 from runner.api import RunResult, resume_async, run_job_async
 from runner.engine import EngineSettings
@@ -268,4 +272,77 @@ async def test_rejected_and_duplicate_rows_are_reported_and_never_sent(
     assert rows[1]["error"] == f"{path}:2: duplicate id 'a' (first seen at {path}:1)"
     assert rows[2]["error"].startswith(f"{path}:3: not valid JSON")
     assert rows[3]["error"].startswith(f"{path}:4: unknown tenant 'nobody'")
+    assert result.exit_code == 3
+
+
+@asynccontextmanager
+async def fake_provider(handler: Any) -> AsyncIterator[str]:
+    """A minimal OpenAI-like server of the test's own, for behaviours the
+    simulator does not offer."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    server = web.AppRunner(app)
+    await server.setup()
+    await web.TCPSite(server, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{server.addresses[0][1]}/v1"
+    finally:
+        await server.cleanup()
+
+
+async def test_a_provider_that_echoes_the_key_never_gets_it_stored(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    async def echo(request: web.Request) -> web.Response:
+        auth = request.headers["Authorization"]
+        return web.json_response({"error": {"message": f"bad request from {auth}"}}, status=400)
+
+    async with fake_provider(echo) as url:
+        await run(write_job(write_input(tmp_path, 3), base_url=url))
+    (row, *_) = output_rows(tmp_path)
+    assert row["error"].endswith("bad request from Bearer [redacted]")
+    assert files_holding(tmp_path, KEYS["acme"].encode()) == []
+
+
+def files_holding(folder: Path, secret: bytes) -> list[Path]:
+    return [path for path in folder.rglob("*") if path.is_file() and secret in path.read_bytes()]
+
+
+async def test_a_key_an_http_header_cannot_carry_defers_only_its_tenant(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    environ = {**ENVIRON, "GLOBEX_API_KEY": "sk-globex\nX-Injected: 1"}
+    async with running_simulator() as sim:
+        result = await run(
+            write_job(write_input(tmp_path, 9), base_url=sim.base_url), environ=environ
+        )
+    by_tenant = {t.tenant: t.by_status for t in result.tenants}
+    assert by_tenant == {"acme": {"done": 3}, "globex": {"deferred": 3}, "initech": {"done": 3}}
+    globex = [row for row in output_rows(tmp_path) if row["tenant"] == "globex"]
+    assert "GLOBEX_API_KEY has spaces or control characters" in globex[0]["error"]
+
+
+async def test_a_row_waiting_to_retry_when_its_tenant_is_refused_ends_deferred(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    async def flaky_then_refusing(request: web.Request) -> web.Response:
+        if request.headers["X-Client-Request-Id"].endswith(":0"):
+            return web.json_response({"error": {"message": "busy"}}, status=503)
+        await asyncio.sleep(0.2)
+        return web.json_response({"error": {"message": "key revoked"}}, status=401)
+
+    tenants = {"acme": {"rpm": 6000, "tpm": 100_000, "max_parallel": 2}}
+    provider = "max_attempts = 10\nbackoff_base_s = 1\nmax_backoff_s = 1"
+    async with fake_provider(flaky_then_refusing) as url:
+        result = await run(
+            write_job(
+                write_input(tmp_path, 3, ("acme",)),
+                base_url=url,
+                tenants=tenants,
+                provider=provider,
+            )
+        )
+    rows = output_rows(tmp_path)
+    assert [row["status"] for row in rows] == ["deferred"] * 3
+    assert all("HTTP 401" in row["error"] and "ACME_API_KEY" in row["error"] for row in rows)
     assert result.exit_code == 3

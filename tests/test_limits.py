@@ -408,3 +408,15 @@ async def test_acquire_rejects_tokens_out_of_range(tokens: int) -> None:
     with pytest.raises(ValueError, match="tokens must be"):
         await limiter.acquire(tokens)
     assert limiter.statistics().waiting == 0
+
+
+async def test_sends_remembered_from_an_earlier_process_count_against_the_window() -> None:
+    # rpm 3: three sends 10, 20 and 70 seconds ago; the last is out of the window.
+    limiter = make(rpm=3, tpm=100_000)
+    t0 = anyio.current_time()
+    limiter.remember([(10.0, 5), (20.0, 5), (70.0, 5)])
+    await limiter.acquire(1)
+    assert anyio.current_time() == t0  # two in the window: one more fits now
+    await limiter.acquire(1)
+    # the oldest remembered send (20 s ago) leaves the 60.5 s window at t0 + 40.5
+    assert anyio.current_time() == pytest.approx(t0 + 40.5, abs=limiter.poll_s)

@@ -160,3 +160,17 @@ def test_jsonl_and_parquet_round_trip_generated_rows(
         assert [row.fields["prompt"] for row in read_rows] == [row["prompt"] for row in rows]
         scores = [value for batch in batches for value in batch.carried.column("score").to_pylist()]
         assert scores == [row["score"] for row in rows]
+
+
+def test_a_file_whose_name_names_no_known_format_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "prompts.csv"
+    path.write_text("id,prompt\n1,hi\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"prompts\.csv: cannot tell the input format"):
+        read_all(path, InputMapping())
+
+
+def test_a_jsonl_file_in_which_no_line_is_an_object_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "notes.jsonl"
+    path.write_text("# notes\nnot json either\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"no line is a JSON object.*line 1: not valid JSON"):
+        read_all(path, InputMapping())

@@ -66,6 +66,14 @@ def use_keys(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(f"{tenant.upper()}_API_KEY", f"sk-{tenant}")
 
 
+def done_rows(state: Path) -> int:
+    """Rows done so far; 0 while the runner is still creating the database."""
+    try:
+        return sum(status == "done" for status, *_ in request_rows(state).values())
+    except sqlite3.OperationalError:
+        return 0
+
+
 def test_sigkill_at_random_moments_then_resume_loses_nothing_and_resends_only_in_flight(
     tmp_path: Path, write_job: JobWriter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -126,12 +134,8 @@ def test_sigint_stops_gracefully_with_exit_130_and_resume_finishes(
         use_keys(monkeypatch)
         process = start(job, tmp_path)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not done_rows(tmp_path / "state.db"):
             time.sleep(0.1)
-            if (tmp_path / "state.db").exists() and sum(
-                status == "done" for status, *_ in request_rows(tmp_path / "state.db").values()
-            ):
-                break
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
         assert process.returncode == 130, stderr

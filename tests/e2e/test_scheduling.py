@@ -1,0 +1,126 @@
+"""Real processes competing for one run, runs left half-registered, money commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runner.simulator import SimulatorConfig, SimulatorThread
+from runner.store import Store
+from tests.conftest import SAMPLE_DATA, JobWriter
+
+
+def runner(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "runner", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=os.environ.copy(),
+    )
+
+
+def test_a_second_process_on_a_running_run_exits_4_and_sends_nothing(
+    tmp_path: Path, write_job: JobWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ACME_API_KEY", "sk-a")
+    monkeypatch.setenv("GLOBEX_API_KEY", "sk-g")
+    monkeypatch.setenv("INITECH_API_KEY", "sk-i")
+    with SimulatorThread(SimulatorConfig(latency_s=0.3)) as sim:
+        job = write_job(
+            SAMPLE_DATA / "prompts.parquet", input_section='prompt = "turns"', base_url=sim.base_url
+        )
+        first = subprocess.Popen(
+            [sys.executable, "-m", "runner", "submit", str(job), "--run-id", "night"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while sim.stats()["requests"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = runner("submit", str(job), "--run-id", "night", cwd=tmp_path)
+        resume = runner("resume", "night", "--state", "state.db", cwd=tmp_path)
+        _, stderr = first.communicate(timeout=120)
+        seen = sim.stats()["client_request_ids"]
+    assert second.returncode == 4 and resume.returncode == 4
+    assert "run 'night' is already running (pid " in second.stderr
+    assert first.returncode == 0, stderr
+    assert len(seen) == 160
+    assert all(entry == {"received": 1, "ok": 1} for entry in seen.values())
+    again = runner("resume", "night", "--state", "state.db", cwd=tmp_path)
+    assert again.returncode == 0  # the lock went with the process that held it
+
+
+def test_a_run_stopped_while_registering_is_refused_by_resume_and_redone_by_submit(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    job = write_job(SAMPLE_DATA / "prompts.parquet", input_section='prompt = "turns"')
+    store = Store(tmp_path / "state.db")
+    store.create_run(
+        "night",
+        job_name="test",
+        job_json="{}",
+        input_path="x",
+        input_format="parquet",
+        output_path="y.parquet",
+    )
+    store.close()
+    refused = runner("resume", "night", "--state", "state.db", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "stopped while registering its input" in refused.stderr
+    assert "runner submit JOB.toml --run-id night" in refused.stderr
+    redone = runner("submit", str(job), "--run-id", "night", cwd=tmp_path)
+    assert redone.returncode == 0, redone.stderr
+    assert "160" in redone.stdout
+
+
+def test_money_commands_from_the_command_line(tmp_path: Path, write_job: JobWriter) -> None:
+    tenants = {
+        name: {"rpm": 6000, "tpm": 1_000_000, "monthly_budget_usd": 0.001}
+        for name in ("acme", "globex", "initech")
+    }
+    job = write_job(
+        SAMPLE_DATA / "prompts.parquet", input_section='prompt = "turns"', tenants=tenants
+    )
+    estimate = runner("estimate", str(job), "--format", "json", cwd=tmp_path)
+    assert estimate.returncode == 0, estimate.stderr
+    rows = {row["tenant"]: row for row in json.loads(estimate.stdout)}
+    assert rows["acme"]["rows"] == 53 and rows["acme"]["budget_left_usd"] == "0.001000"
+    assert rows["acme"]["fits"] is False
+    assert not (tmp_path / "state.db").exists()  # a dry run writes nothing
+
+    first = runner("submit", str(job), "--run-id", "m", cwd=tmp_path)
+    assert first.returncode == 3
+    assert "budget exhausted" in first.stdout
+    for tenant in ("acme", "globex", "initech"):
+        topped = runner(
+            "topup", tenant, "0.05", "--reason", "pilot", "--state", "state.db", cwd=tmp_path
+        )
+        assert topped.returncode == 0, topped.stderr
+    second = runner("resume", "m", "--state", "state.db", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+
+    report = runner("report", "--format", "json", "--state", "state.db", cwd=tmp_path)
+    table = {row["tenant"]: row for row in json.loads(report.stdout)}
+    assert table["TOTAL"]["requests"] == 160
+    assert table["acme"]["budget_usd"] == "0.051000"
+    invoice = json.loads(runner("invoice", "acme", "--state", "state.db", cwd=tmp_path).stdout)
+    assert invoice["tenant"] == "acme" and invoice["total_usd"] == table["acme"]["spend_usd"]
+    assert [t["reason"] for t in invoice["topups"]] == ["pilot"]
+    assert "globex" not in json.dumps(invoice) and "initech" not in json.dumps(invoice)
+    csv_report = runner("report", "--format", "csv", "--state", "state.db", cwd=tmp_path)
+    assert csv_report.stdout.splitlines()[0].startswith("tenant,requests,prompt_tokens")
+
+    bad = runner("topup", "acme", "0", "--reason", "x", "--state", "state.db", cwd=tmp_path)
+    assert bad.returncode == 2 and "must be more than zero" in bad.stderr
+    bad_period = runner("report", "--period", "2026-13", "--state", "state.db", cwd=tmp_path)
+    assert bad_period.returncode == 2 and "expected a month as YYYY-MM" in bad_period.stderr

@@ -1,0 +1,114 @@
+"""The ledger and balances under any interleaving of reserve, settle, release and top-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from runner.ledger import Entry, Kind
+from runner.records import Request
+from runner.store import SendMark, Store
+
+CAP = 1_000
+
+
+def new_store(path: Path, rows: int) -> Store:
+    store = Store(path)
+    store.create_run(
+        "r",
+        job_name="j",
+        job_json="{}",
+        input_path="in",
+        input_format="jsonl",
+        output_path="o.parquet",
+    )
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    requests = [Request(seq, f"id{seq}", "acme", "m", "in:1", body, 1, 1) for seq in range(rows)]
+    store.register("r", requests, [], pa.record_batch({"n": list(range(rows))}), first_seq=0)
+    return store
+
+
+# An operation: ("reserve", seq, amount) | ("settle", seq, cost) | ("release", seq, 0)
+# | ("topup", 0, amount)
+OPERATIONS = st.lists(
+    st.tuples(
+        st.sampled_from(["reserve", "settle", "release", "topup"]),
+        st.integers(0, 9),
+        st.integers(0, 400),
+    ),
+    max_size=60,
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(operations=OPERATIONS)
+def test_spend_stays_within_cap_and_balances_equal_the_ledger(
+    tmp_path_factory: pytest.TempPathFactory, operations: list[tuple[str, int, int]]
+) -> None:
+    path = tmp_path_factory.mktemp("ledger") / "state.db"
+    store = new_store(path, 10)
+    reserved: dict[int, int] = {}
+    for operation, seq, amount in operations:
+        if operation == "reserve" and seq not in reserved:
+            entry = Entry("acme", "2026-12", Kind.RESERVE, amount, "m", "r", seq)
+            refused = store.checkpoint(
+                "r", sends=[SendMark(seq, reservation=entry, cap_micros=CAP)]
+            )
+            if not refused:
+                reserved[seq] = amount
+        elif operation in ("settle", "release") and seq in reserved:
+            worst = reserved.pop(seq)
+            entries = [Entry("acme", "2026-12", Kind.RELEASE, worst, "m", "r", seq)]
+            if operation == "settle":  # a real cost never exceeds its worst case
+                entries.append(
+                    Entry("acme", "2026-12", Kind.CHARGE, min(amount, worst), "m", "r", seq)
+                )
+            store.checkpoint("r", entries=entries)
+        elif operation == "topup":
+            store.add_entries([Entry("acme", "2026-12", Kind.TOPUP, amount, reason="t")])
+        balance = store.balance("acme", "2026-12")
+        assert balance.spent_micros + balance.reserved_micros <= CAP + balance.topup_micros
+        sums = dict(
+            store.db.execute(
+                "SELECT kind, TOTAL(amount_micros) FROM ledger GROUP BY kind"
+            ).fetchall()
+        )
+        assert balance.charged_micros == sums.get("charge", 0)
+        assert balance.topup_micros == sums.get("topup", 0)
+        assert balance.reserved_micros == sums.get("reserve", 0) - sums.get("release", 0)
+        assert balance.reserved_micros == sum(reserved.values())
+    store.close()
+
+
+def test_a_reservation_that_does_not_fit_is_refused_with_the_balance(tmp_path: Path) -> None:
+    store = new_store(tmp_path / "state.db", 2)
+    first = Entry("acme", "2026-12", Kind.RESERVE, 700, "m", "r", 0)
+    second = Entry("acme", "2026-12", Kind.RESERVE, 400, "m", "r", 1)
+    refused = store.checkpoint(
+        "r",
+        sends=[
+            SendMark(0, reservation=first, cap_micros=CAP),
+            SendMark(1, reservation=second, cap_micros=CAP),
+        ],
+    )
+    assert list(refused) == [1]
+    assert refused[1].reserved_micros == 700
+    reserved = dict(store.db.execute("SELECT seq, reserved_micros FROM requests").fetchall())
+    assert reserved == {0: 700, 1: None}
+
+
+def test_requeue_releases_the_reservations_of_rows_in_flight(tmp_path: Path) -> None:
+    store = new_store(tmp_path / "state.db", 2)
+    entry = Entry("acme", "2026-12", Kind.RESERVE, 300, "m", "r", 0)
+    store.checkpoint("r", sends=[SendMark(0, reservation=entry, cap_micros=CAP), SendMark(0, 1)])
+    assert store.balance("acme", "2026-12").reserved_micros == 300
+    assert store.requeue("r") == 1
+    assert store.balance("acme", "2026-12").reserved_micros == 0
+    kinds = [kind for (kind,) in store.db.execute("SELECT kind FROM ledger ORDER BY id")]
+    assert kinds == ["reserve", "release"]
