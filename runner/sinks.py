@@ -164,6 +164,8 @@ def _conform(batch: pa.RecordBatch, source: str, field: pa.Field) -> pa.Array:
 def _replace_atomically(path: Path, mode: str) -> Iterator[IO[Any]]:
     """A file at a temporary name that replaces `path` only once complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer
+        stale.unlink(missing_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with temporary.open(mode, encoding=None if "b" in mode else "utf-8") as handle:
