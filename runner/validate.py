@@ -69,6 +69,12 @@ class Validator:
                 raise _Bad(f"'tenant' must be a string, not {_kind(raw_tenant)}")
             body = self._batch_body(fields) if fields.get("batch") else self._table_body(fields)
             model = body["model"]
+            if model not in self._prices:
+                raise ConfigError(
+                    f"{row.where}: model {model!r} has no price; add "
+                    f'[prices."{model}"] with input, cached_input and output (USD per '
+                    "million tokens) to the job or tenants file"
+                )
             if not tenant:
                 raise _Bad("no tenant: the row has none and the job sets no default_tenant")
             if tenant not in self._job.tenants:
@@ -78,12 +84,6 @@ class Validator:
                 raise _Bad(
                     f"model {model!r} is not allowed for tenant {tenant!r} "
                     f"(allowed: {', '.join(allowed) or 'none'})"
-                )
-            if model not in self._prices:
-                raise ConfigError(
-                    f"{row.where}: model {model!r} has no price; add "
-                    f'[prices."{model}"] with input, cached_input and output (USD per '
-                    "million tokens) to the job or tenants file"
                 )
             max_tokens = _max_tokens(body)
             estimate = prompt_tokens(body)
