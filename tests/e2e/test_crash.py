@@ -78,7 +78,7 @@ def test_sigkill_at_random_moments_then_resume_loses_nothing_and_resends_only_in
     tmp_path: Path, write_job: JobWriter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rng = random.Random(20261203)
-    rows, kills = 300, 8
+    rows, kills = 500, 12
     config = SimulatorConfig(latency_s=0.02, latency_jitter_s=0.08)
     with SimulatorThread(config) as sim:
         job = write_job(
@@ -88,7 +88,7 @@ def test_sigkill_at_random_moments_then_resume_loses_nothing_and_resends_only_in
         killed = 0
         for _ in range(kills):
             process = start(job, tmp_path)
-            time.sleep(rng.uniform(0.2, 2.5))
+            time.sleep(rng.uniform(0.3, 1.8))
             if process.poll() is None:
                 process.send_signal(signal.SIGKILL)
                 killed += 1
@@ -152,3 +152,50 @@ def test_sigint_stops_gracefully_with_exit_130_and_resume_finishes(
     assert len(seen) == 90
     assert all(entry == {"received": 1, "ok": 1} for entry in seen.values())
     assert pq.read_table(tmp_path / "out" / "result.parquet").num_rows == 90
+
+
+def test_sigkill_under_provider_faults_and_budgets_keeps_the_money_exact(
+    tmp_path: Path, write_job: JobWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ten more kills, while the provider fails 10 % of requests, drops 5 % of
+    connections and every tenant spends against a cap."""
+    rng = random.Random(7)
+    capped = {t: {**FAST_TENANTS[t], "rpm": 1200, "monthly_budget_usd": 1} for t in TENANTS}
+    config = SimulatorConfig(
+        latency_s=0.02, latency_jitter_s=0.05, error_rate=0.1, drop_rate=0.05, seed=3
+    )
+    with SimulatorThread(config) as sim:
+        job = write_job(
+            write_input(tmp_path / "in.jsonl", 240),
+            base_url=sim.base_url,
+            tenants=capped,
+            provider="max_attempts = 8\nbackoff_base_s = 0.01\nmax_backoff_s = 0.05",
+        )
+        use_keys(monkeypatch)
+        killed = 0
+        for _ in range(10):
+            process = start(job, tmp_path)
+            time.sleep(rng.uniform(0.3, 1.5))
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                killed += 1
+            process.communicate(timeout=60)
+            assert integrity(tmp_path / "state.db") == "ok"
+        assert killed >= 8, "the kills should land mid-run"
+        process = start(job, tmp_path)
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, stderr
+        seen = sim.stats()["client_request_ids"]
+    state = request_rows(tmp_path / "state.db")
+    assert {status for status, *_ in state.values()} == {"done"}
+    for seq, (_, attempts, resends, _) in state.items():
+        assert seen[f"night:{seq}"]["received"] <= attempts
+        assert seen[f"night:{seq}"]["ok"] <= 1 + resends
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        sums = dict(db.execute("SELECT kind, SUM(amount_micros) FROM ledger GROUP BY kind"))
+        balances = db.execute(
+            "SELECT SUM(charged_micros), SUM(reserved_micros) FROM balances"
+        ).fetchone()
+    costs = sum(cost for _, _, _, cost in state.values() if cost is not None)
+    assert sums["charge"] == costs == balances[0]
+    assert sums["reserve"] == sums["release"] and balances[1] == 0  # nothing left reserved
