@@ -199,3 +199,30 @@ def test_sigkill_under_provider_faults_and_budgets_keeps_the_money_exact(
     costs = sum(cost for _, _, _, cost in state.values() if cost is not None)
     assert sums["charge"] == costs == balances[0]
     assert sums["reserve"] == sums["release"] and balances[1] == 0  # nothing left reserved
+
+
+def test_sigterm_stops_gracefully_and_a_second_signal_stops_at_once(
+    tmp_path: Path, write_job: JobWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with SimulatorThread(SimulatorConfig(latency_s=5.0)) as sim:
+        job = write_job(
+            write_input(tmp_path / "in.jsonl", 30), base_url=sim.base_url, tenants=FAST_TENANTS
+        )
+        use_keys(monkeypatch)
+        process = start(job, tmp_path)
+        deadline = time.monotonic() + 60
+        while sim.stats()["requests"] < 24 and time.monotonic() < deadline:
+            time.sleep(0.05)  # every slot holds a request that takes 5 s
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+        stopped_in = time.monotonic() - started
+    assert process.returncode == 130, stderr
+    assert stopped_in < 4.0  # the second signal did not wait for the 5-second answers
+    assert "stopping: no new requests" in stderr and "stopping now" in stderr
+    assert integrity(tmp_path / "state.db") == "ok"
+    statuses = [status for status, *_ in request_rows(tmp_path / "state.db").values()]
+    assert statuses.count("sent") == 24  # in flight: sent again on resume
+    assert not (tmp_path / "out" / "result.parquet").exists()
