@@ -102,6 +102,7 @@ class SimulatorConfig:
     no_usage_rate: float = 0.0
     refuse: Mapping[str, int] = field(default_factory=dict)
     refuse_after: int = 0  # keys in `refuse` are answered normally this many times first
+    troubled: Mapping[str, int] = field(default_factory=dict)  # key -> 429 or 5xx, every time
     retry_after: str = "seconds"
     cached_fraction: float = 0.0
     reasoning_tokens: int = 0
@@ -113,6 +114,8 @@ class SimulatorConfig:
                 raise ValueError(f"simulator {name} must lie in [0, 1]")
         if self.retry_after not in RETRY_AFTER_FORMS:
             raise ValueError(f"retry_after must be one of {sorted(RETRY_AFTER_FORMS)}")
+        if any(status != 429 and not 500 <= status < 600 for status in self.troubled.values()):
+            raise ValueError("troubled statuses must be 429 or 5xx")
         if any(status not in _REFUSALS for status in self.refuse.values()):
             raise ValueError("refuse statuses must be 401, 402 or 403")
         limits = [limit for limit in (self.rpm, self.tpm) if limit is not None]
@@ -364,6 +367,12 @@ async def _chat(request: web.Request) -> web.Response:
         return state.reply(401, _error(message, "invalid_request_error", "invalid_api_key"))
     stats = state.per_key.setdefault(state.label(key), _KeyStats())
     stats.requests += 1
+    if key in cfg.troubled:
+        status = cfg.troubled[key]
+        if status == 429:
+            stats.rate_limited += 1
+            return state.rate_limited(1.0, 0.0)
+        return state.reply(status, _error("The server is overloaded.", "server_error"))
     if key in cfg.refuse and stats.ok >= cfg.refuse_after:
         status = cfg.refuse[key]
         message = f"Requests with this API key are refused ({status})."
