@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -9,7 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runner.ledger import Entry, Kind
+from runner.budget import BudgetGuard
+from runner.config import Tenant
+from runner.ledger import Entry, Kind, period_of
+from runner.pricing import price_from_usd
 from runner.records import Request
 from runner.store import SendMark, Store
 
@@ -112,3 +116,29 @@ def test_requeue_releases_the_reservations_of_rows_in_flight(tmp_path: Path) -> 
     assert store.balance("acme", "2026-12").reserved_micros == 0
     kinds = [kind for (kind,) in store.db.execute("SELECT kind FROM ledger ORDER BY id")]
     assert kinds == ["reserve", "release"]
+
+
+def test_budget_periods_are_utc_months_days_or_all_time() -> None:
+    when = datetime(2026, 12, 31, 23, 59, 59, tzinfo=UTC)
+    assert period_of(when, "month") == "2026-12"
+    assert period_of(when, "day") == "2026-12-31"
+    assert period_of(when, "total") == "total"
+
+
+def test_a_day_budget_starts_afresh_the_next_day(tmp_path: Path) -> None:
+    clock = [datetime(2026, 12, 3, 23, 0, tzinfo=UTC)]
+    guard = BudgetGuard(
+        "acme",
+        Tenant(monthly_budget_usd=1, budget_period="day"),
+        {"m": price_from_usd({"input": 1, "output": 1})},
+        "r",
+        clock=lambda: clock[0],
+    )
+    first = guard.reservation(0, "m", 500)
+    clock[0] = datetime(2026, 12, 4, 0, 30, tzinfo=UTC)
+    second = guard.reservation(1, "m", 500)
+    assert first is not None and second is not None
+    assert (first.period, second.period) == ("2026-12-03", "2026-12-04")
+    cost, entries = guard.settle(first, seq=0, model="m", usage=None, worst_micros=500)
+    assert cost is None and [e.kind for e in entries] == [Kind.RELEASE, Kind.HOLD]
+    assert {e.period for e in entries} == {"2026-12-03"}  # settled in its reservation's period
