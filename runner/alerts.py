@@ -9,7 +9,6 @@ is down is logged and never stops or slows the run.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,10 +19,9 @@ import anyio
 
 from runner.config import Job
 from runner.ledger import Entry, Kind
+from runner.logs import log
 from runner.pricing import micros_to_usd, usd_to_micros
 from runner.store import Store
-
-log = logging.getLogger("runner")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +95,11 @@ class Alerts:
 
     def _fire(self, alert: Alert, webhook: str | None) -> None:
         self.fired.append(alert)
-        log.warning("budget alert: %s", alert)
+        log.warning(
+            "budget alert: %s",
+            alert,
+            extra={"event": "budget_alert", "tenant": alert.tenant, "counts": alert.payload()},
+        )
         if webhook is not None:
             try:
                 self._send.send_nowait((webhook, alert))

@@ -21,9 +21,10 @@ import anyio
 
 from runner.config import Job, load_job
 from runner.engine import EngineSettings
-from runner.errors import StateError
+from runner.errors import ConfigError, StateError
 from runner.locks import RunLock
 from runner.runs import ProgressCallback, batch_output_paths, execute, register
+from runner.sources import file_hash
 from runner.store import RunInfo, Store, TenantCounts
 
 DEFAULT_STATE = Path("runner.db")
@@ -73,8 +74,28 @@ def state_path(explicit: Path | str | None, environ: Mapping[str, str] | None = 
     return Path(environ[STATE_VARIABLE]) if environ.get(STATE_VARIABLE) else DEFAULT_STATE
 
 
-def default_run_id(job: Job) -> str:
-    return f"{job.job.name}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+def resolve_run_id(template: str, job: Job, input_hash: str) -> str:
+    """A run id from a template: {job}, {date} (UTC, 2026-12-03), {datetime}
+    (UTC, 20261203T020000Z) and {input_hash} (12 hex digits of the input's sha256).
+    A nightly `{job}-{date}` makes a second submit the same night continue the
+    first run instead of sending everything again."""
+    now = datetime.now(UTC)
+    values = {
+        "job": job.job.name,
+        "date": now.strftime("%Y-%m-%d"),
+        "datetime": now.strftime("%Y%m%dT%H%M%SZ"),
+        "input_hash": input_hash[:12],
+    }
+    try:
+        run_id = template.format_map(values)
+    except (KeyError, ValueError, IndexError) as exc:
+        raise ConfigError(
+            f"run id template {template!r}: {exc}; use {{job}}, {{date}}, {{datetime}}, "
+            "{input_hash}"
+        ) from None
+    if not run_id.strip():
+        raise ConfigError(f"run id template {template!r} gives an empty run id")
+    return run_id
 
 
 async def run_job_async(
@@ -84,30 +105,35 @@ async def run_job_async(
     state: Path | str | None = None,
     strict: bool = False,
     retry_failed: bool = False,
+    restart: bool = False,
     on_progress: ProgressCallback | None = None,
     environ: Mapping[str, str] | None = None,
     handle_signals: bool = False,
     settings: EngineSettings | None = None,
 ) -> RunResult:
     """Submit a job (a path to its TOML file, or a loaded `Job`) and run it to the
-    end. An existing `run_id` is continued instead, with this job's provider,
-    tenants and prices (its rows stay as registered; its input must not change)."""
+    end. `run_id` (or the job's `run_id`) may be a template (`resolve_run_id`).
+    An existing run is continued instead, with this job's provider, tenants and
+    prices (its rows stay as registered); if its input file changed since, the
+    submit is refused, unless `restart` registers the input afresh (what was sent
+    stays in the ledger)."""
     environ = os.environ if environ is None else environ
     spec = job if isinstance(job, Job) else load_job(job)
     if state is None and spec.job.state is not None and not environ.get(STATE_VARIABLE):
         state = spec.job.state
+    input_hash = file_hash(spec.job.input) if spec.job.input.is_file() else ""
+    run_id = resolve_run_id(run_id or spec.job.run_id, spec, input_hash)
     store = Store(state_path(state, environ))
-    run_id = run_id or default_run_id(spec)
     try:
         with RunLock(store.path, run_id):
             info = store.run(run_id)
-            if info is not None and info.phase == "registering":
-                store.delete_run(run_id)  # a submit killed while registering: start again
+            if info is not None and (info.phase == "registering" or restart):
+                store.delete_run(run_id)  # killed while registering, or asked to start over
                 info = None
             if info is None:
-                register(store, run_id, spec, strict=strict)
+                register(store, run_id, spec, strict=strict, input_hash=input_hash)
             else:
-                _check_same_input(info, spec)
+                _check_same_input(info, spec, input_hash)
                 store.update_job(run_id, spec.to_json())
             return await _execute(
                 store, run_id, spec, environ, on_progress, handle_signals, settings, retry_failed
@@ -147,11 +173,17 @@ async def resume_async(
         store.close()
 
 
-def _check_same_input(info: RunInfo, job: Job) -> None:
+def _check_same_input(info: RunInfo, job: Job, input_hash: str) -> None:
     if Path(info.input_path) != job.job.input:
         raise StateError(
             f"run {info.run_id!r} was registered from {info.input_path}, not {job.job.input}; "
             "use another --run-id for another input"
+        )
+    if info.input_hash != input_hash:
+        raise StateError(
+            f"run {info.run_id!r}: {info.input_path} changed since the run was registered; "
+            "submit with --restart to register it afresh (rows already sent stay paid for), "
+            "or use another --run-id"
         )
 
 
@@ -199,6 +231,7 @@ def run_job(
     state: Path | str | None = None,
     strict: bool = False,
     retry_failed: bool = False,
+    restart: bool = False,
     on_progress: ProgressCallback | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> RunResult:

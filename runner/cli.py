@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import functools
 import json
-import logging
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -24,14 +23,14 @@ from typing import Any, TypeVar, cast
 import anyio
 import click
 
-from runner import api, reports
+from runner import api, logs, reports
 from runner.config import load_job
 from runner.errors import RunLocked, RunnerError
 from runner.pricing import micros_to_usd
 from runner.progress import ProgressDisplay, print_table, rows_table, summary_table
 from runner.records import Status
 from runner.simulator import SimulatorConfig, serve
-from runner.store import Store
+from runner.store import Store, TenantCounts
 
 EXIT_OK, EXIT_UNFINISHED, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 3, 2, 4, 130
 F = TypeVar("F", bound=Callable[..., Any])
@@ -49,14 +48,14 @@ def _exits(command: F) -> F:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _log_to_stderr()
+        logs.configure(_log_format())
         try:
             return command(*args, **kwargs)
         except RunLocked as error:
-            click.echo(f"error: {error}", err=True)
+            _report_error(error)
             sys.exit(EXIT_LOCKED)
         except RunnerError as error:
-            click.echo(f"error: {error}", err=True)
+            _report_error(error)
             sys.exit(EXIT_BAD_INPUT)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -67,8 +66,31 @@ def _exits(command: F) -> F:
 
 @click.group(epilog=(__doc__ or "").split("\n\n", 1)[1])
 @click.version_option(package_name="runner")
-def main() -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one JSON object per line on stderr (progress, alerts, stops), and the "
+    "result of submit/resume as one JSON object on stdout.",
+)
+@click.pass_context
+def main(ctx: click.Context, log_format: str) -> None:
     """Multi-tenant batch inference against OpenAI-compatible endpoints."""
+    ctx.obj = {"log_format": log_format}
+
+
+def _report_error(error: RunnerError) -> None:
+    if _log_format() == "json":
+        logs.log.error(str(error), extra={"event": "error"})
+    else:
+        click.echo(f"error: {error}", err=True)
+
+
+def _log_format() -> logs.LogFormat:
+    context = click.get_current_context(silent=True)
+    root = context.find_root() if context else None
+    return "json" if root and root.obj and root.obj.get("log_format") == "json" else "text"
 
 
 _retry_failed_option = click.option(
@@ -78,15 +100,30 @@ _retry_failed_option = click.option(
 
 @main.command()
 @click.argument("job", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--run-id", help="Run id (default: JOB-NAME-<UTC time>); an existing id continues.")
+@click.option(
+    "--run-id", help="Run id or template (default: the job's run_id, else {job}-{datetime})."
+)
 @click.option("--strict", is_flag=True, help="Refuse the whole file if any row is rejected.")
+@click.option(
+    "--restart", is_flag=True, help="Register a changed input afresh under an existing run id."
+)
 @_retry_failed_option
 @_state_option
 @_exits
 def submit(
-    job: Path, run_id: str | None, strict: bool, retry_failed: bool, state: Path | None
+    job: Path,
+    run_id: str | None,
+    strict: bool,
+    restart: bool,
+    retry_failed: bool,
+    state: Path | None,
 ) -> None:
-    """Register JOB's input and run it to the end."""
+    """Register JOB's input and run it to the end.
+
+    \b
+    --run-id takes a template: {job}, {date} (UTC), {datetime}, {input_hash};
+    e.g. '{job}-{date}' makes a second submit the same night continue the first.
+    """
     _run(
         functools.partial(
             api.run_job_async,
@@ -94,6 +131,7 @@ def submit(
             run_id=run_id,
             state=state,
             strict=strict,
+            restart=restart,
             retry_failed=retry_failed,
         )
     )
@@ -110,14 +148,48 @@ def resume(run_id: str, retry_failed: bool, state: Path | None) -> None:
 
 
 def _run(start: Callable[..., Awaitable[api.RunResult]]) -> None:
-    display = ProgressDisplay()
+    as_json = _log_format() == "json"
+    display = ProgressDisplay(json_lines=as_json)
     try:
         result = anyio.run(
             functools.partial(start, on_progress=display.update, handle_signals=True)
         )
     finally:
         display.close()
+    if as_json:
+        click.echo(json.dumps(_result_record(result)))
+        sys.exit(result.exit_code)
     _finish(result)
+
+
+def _result_record(result: api.RunResult) -> dict[str, object]:
+    return {
+        "event": "finished" if not result.interrupted else "interrupted",
+        "run_id": result.run_id,
+        "exit_code": result.exit_code,
+        "state": str(result.state),
+        "outputs": [str(path) for path in result.outputs],
+        "counts": result.counts,
+        "cost_usd": micros_to_usd(result.cost_micros),
+        "tenants": [_tenant_record(t) for t in result.tenants],
+        "problems": [
+            {"tenant": tenant, "status": status, "error": error, "rows": rows}
+            for tenant, status, error, rows in result.problems
+        ],
+    }
+
+
+def _tenant_record(t: TenantCounts) -> dict[str, object]:
+    return {
+        "tenant": t.tenant,
+        "by_status": {status.value: t.by_status.get(status.value, 0) for status in Status},
+        "prompt_tokens": t.prompt_tokens,
+        "cached_tokens": t.cached_tokens,
+        "completion_tokens": t.completion_tokens,
+        "cost_micros": t.cost_micros,
+        "cost_usd": micros_to_usd(t.cost_micros),
+        "resends": t.resends,
+    }
 
 
 def _finish(result: api.RunResult) -> None:
@@ -141,16 +213,6 @@ def _finish(result: api.RunResult) -> None:
     sys.exit(result.exit_code)
 
 
-def _log_to_stderr() -> None:
-    """Warnings and alerts of the `runner` logger, one plain line each."""
-    logger = logging.getLogger("runner")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-
-
 @main.command()
 @click.argument("run_id", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -168,21 +230,7 @@ def status(run_id: str | None, as_json: bool, state: Path | None) -> None:
                 "rows": info.rows,
                 "created_at": info.created_at,
                 "updated_at": info.updated_at,
-                "tenants": [
-                    {
-                        "tenant": t.tenant,
-                        "by_status": {
-                            status.value: t.by_status.get(status.value, 0) for status in Status
-                        },
-                        "prompt_tokens": t.prompt_tokens,
-                        "cached_tokens": t.cached_tokens,
-                        "completion_tokens": t.completion_tokens,
-                        "cost_micros": t.cost_micros,
-                        "cost_usd": micros_to_usd(t.cost_micros),
-                        "resends": t.resends,
-                    }
-                    for t in tenants
-                ],
+                "tenants": [_tenant_record(t) for t in tenants],
             }
             for info, tenants in runs
         ]

@@ -42,6 +42,7 @@ class JobSection(_Section):
     output: FilePath
     state: FilePath | None = None
     default_tenant: str | None = None
+    run_id: Annotated[str, Field(min_length=1)] = "{job}-{datetime}"
 
     @field_validator("output")
     @classmethod

@@ -108,6 +108,10 @@ class Engine:
         self._cancel = anyio.CancelScope()
         self.stopping = False
 
+    @property
+    def run_id(self) -> str:
+        return self._run_id
+
     def __repr__(self) -> str:
         return f"Engine(run={self._run_id!r}, lanes={len(self._lanes)}, stopping={self.stopping})"
 

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from runner.logs import log
 from runner.pricing import micros_to_usd
 from runner.store import TenantCounts
 
@@ -27,6 +28,7 @@ _STATUSES = ("done", "failed", "rejected", "deferred", "pending", "sent")
 class TenantProgress:
     """One tenant's rows in a running run."""
 
+    run_id: str
     tenant: str
     total: int
     done: int
@@ -45,15 +47,18 @@ class TenantProgress:
 class ProgressDisplay:
     """Call `update()` with snapshots; `close()` when the run ends."""
 
-    __slots__ = ("_console", "_interval_s", "_last_print", "_live", "_stream")
+    __slots__ = ("_console", "_interval_s", "_json", "_last_print", "_live", "_stream")
 
-    def __init__(self, stream: TextIO | None = None, *, interval_s: float = 10.0) -> None:
+    def __init__(
+        self, stream: TextIO | None = None, *, interval_s: float = 10.0, json_lines: bool = False
+    ) -> None:
         self._stream = stream or sys.stderr
         self._console = Console(file=self._stream)
         self._interval_s = interval_s
+        self._json = json_lines
         self._last_print = 0.0
         self._live: Live | None = None
-        if self._console.is_terminal:
+        if self._console.is_terminal and not json_lines:
             self._live = Live(console=self._console, refresh_per_second=4, transient=True)
             self._live.start()
 
@@ -66,6 +71,25 @@ class ProgressDisplay:
             return
         self._last_print = now
         for tenant in snapshot:
+            if self._json:
+                counts = {
+                    "total": tenant.total,
+                    "done": tenant.done,
+                    "failed": tenant.failed,
+                    "deferred": tenant.deferred,
+                    "rejected": tenant.rejected,
+                    "in_flight": tenant.in_flight,
+                }
+                log.info(
+                    "progress",
+                    extra={
+                        "event": "progress",
+                        "run_id": tenant.run_id,
+                        "tenant": tenant.tenant,
+                        "counts": counts,
+                    },
+                )
+                continue
             paused = f", paused {tenant.paused_for_s:.1f}s" if tenant.paused_for_s > 0 else ""
             print(
                 f"progress {tenant.tenant}: {tenant.finished}/{tenant.total} finished "

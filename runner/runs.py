@@ -10,7 +10,6 @@ first signal stops gracefully, the second at once.
 
 from __future__ import annotations
 
-import logging
 import signal
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +22,7 @@ import anyio
 from runner.config import BUILTIN_SIMULATOR, Job
 from runner.engine import Engine, EngineSettings
 from runner.errors import InputError
+from runner.logs import log
 from runner.progress import TenantProgress
 from runner.provider import ProviderClient
 from runner.records import Rejection, Request, Status
@@ -32,7 +32,6 @@ from runner.sinks import write_batch_jsonl, write_parquet
 from runner.store import Store, TenantCounts
 from runner.validate import check_input, input_format
 
-log = logging.getLogger("runner")
 ProgressCallback = Callable[[Sequence[TenantProgress]], None]
 _STRICT_SHOWN = 20
 # The in-process simulator answers after a short delay, so a demo looks like a
@@ -40,7 +39,9 @@ _STRICT_SHOWN = 20
 DEMO_SIMULATOR = SimulatorConfig(latency_s=0.05, latency_jitter_s=0.1)
 
 
-def register(store: Store, run_id: str, job: Job, *, strict: bool = False) -> int:
+def register(
+    store: Store, run_id: str, job: Job, *, strict: bool = False, input_hash: str = ""
+) -> int:
     """Read, validate and register every input row; returns the row count."""
     source = job.job.input
     store.create_run(
@@ -158,8 +159,11 @@ def batch_output_paths(output: Path) -> tuple[Path, Path]:
 async def _stop_on_signals(engine: Engine, grace_s: float) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for _ in signals:
+            fields = {"event": "stopping", "run_id": engine.run_id}
             if engine.stopping:
-                log.warning("stopping now; requests in flight will be sent again on resume")
+                log.warning(
+                    "stopping now; requests in flight will be sent again on resume", extra=fields
+                )
                 engine.abort()
             else:
                 in_flight = sum(lane.in_flight for lane in engine.progress())
@@ -168,6 +172,7 @@ async def _stop_on_signals(engine: Engine, grace_s: float) -> None:
                     "(interrupt again to stop at once)",
                     grace_s,
                     in_flight,
+                    extra=fields,
                 )
                 engine.stop()
 
@@ -194,6 +199,7 @@ def _snapshot(engine: Engine, baseline: Mapping[str, TenantCounts]) -> list[Tena
             merged[status.value] += count
         snapshot.append(
             TenantProgress(
+                run_id=engine.run_id,
                 tenant=tenant,
                 total=counts.total,
                 done=merged[Status.DONE.value],

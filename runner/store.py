@@ -51,6 +51,7 @@ def m001_initial(db: Database) -> None:
             job_json TEXT NOT NULL,
             input_path TEXT NOT NULL,
             input_format TEXT NOT NULL,
+            input_hash TEXT NOT NULL,     -- sha256 of the input file(s) as registered
             output_path TEXT NOT NULL,
             phase TEXT NOT NULL,          -- registering, ready, finished
             rows INTEGER NOT NULL DEFAULT 0,
@@ -117,6 +118,7 @@ class RunInfo:
     job_json: str
     input_path: str
     input_format: str
+    input_hash: str
     output_path: str
     phase: str
     rows: int
@@ -229,14 +231,25 @@ class Store:
         input_path: str,
         input_format: str,
         output_path: str,
+        input_hash: str = "",
     ) -> None:
         now = utc_now()
         with self._write():
             self.db.execute(
                 "INSERT INTO runs (run_id, job_name, job_json, input_path, input_format,"
-                " output_path, phase, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, 'registering', ?, ?)",
-                [run_id, job_name, job_json, input_path, input_format, output_path, now, now],
+                " input_hash, output_path, phase, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'registering', ?, ?)",
+                [
+                    run_id,
+                    job_name,
+                    job_json,
+                    input_path,
+                    input_format,
+                    input_hash,
+                    output_path,
+                    now,
+                    now,
+                ],
             )
 
     def run(self, run_id: str) -> RunInfo | None:

@@ -10,6 +10,7 @@ row parses, raises `InputError`.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,18 @@ class SourceBatch:
 
     rows: list[InputRow]
     carried: pa.RecordBatch
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of the file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the input file: {exc.strerror}") from None
+    return digest.hexdigest()
 
 
 def open_source(

@@ -124,3 +124,89 @@ def test_money_commands_from_the_command_line(tmp_path: Path, write_job: JobWrit
     assert bad.returncode == 2 and "must be more than zero" in bad.stderr
     bad_period = runner("report", "--period", "2026-13", "--state", "state.db", cwd=tmp_path)
     assert bad_period.returncode == 2 and "expected a month as YYYY-MM" in bad_period.stderr
+
+
+def test_a_nightly_template_continues_the_nights_run_and_refuses_a_changed_input(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        "".join(json.dumps({"id": f"q{n}", "prompt": f"Q {n}?"}) + "\n" for n in range(5)),
+        encoding="utf-8",
+    )
+    job = write_job(source)
+    first = runner("submit", str(job), "--run-id", "{job}-{date}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    (run,) = json.loads(runner("status", "--json", "--state", "state.db", cwd=tmp_path).stdout)
+    assert run["run_id"] == f"test-{time.strftime('%Y-%m-%d', time.gmtime())}"
+    again = runner("submit", str(job), "--run-id", "{job}-{date}", cwd=tmp_path)
+    assert again.returncode == 0
+    assert (
+        len(json.loads(runner("status", "--json", "--state", "state.db", cwd=tmp_path).stdout)) == 1
+    )
+
+    with source.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"id": "late", "prompt": "one more"}) + "\n")
+    changed = runner("submit", str(job), "--run-id", "{job}-{date}", cwd=tmp_path)
+    assert changed.returncode == 2
+    assert "changed since the run was registered; submit with --restart" in changed.stderr
+    restarted = runner("submit", str(job), "--run-id", "{job}-{date}", "--restart", cwd=tmp_path)
+    assert restarted.returncode == 0
+    (run,) = json.loads(runner("status", "--json", "--state", "state.db", cwd=tmp_path).stdout)
+    assert run["rows"] == 6
+
+    bad = runner("submit", str(job), "--run-id", "{job}-{nightly}", cwd=tmp_path)
+    assert bad.returncode == 2 and "use {job}, {date}, {datetime}, {input_hash}" in bad.stderr
+
+
+def test_json_logs_and_result_for_log_shippers(tmp_path: Path, write_job: JobWriter) -> None:
+    job = write_job(SAMPLE_DATA / "prompts.parquet", input_section='prompt = "turns"')
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runner",
+            "--log-format",
+            "json",
+            "submit",
+            str(job),
+            "--run-id",
+            "j",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["event"] == "finished" and result["counts"] == {"done": 160}
+    events = [json.loads(line) for line in done.stderr.splitlines()]
+    assert {event["event"] for event in events} == {"progress"}
+    assert all(event["run_id"] == "j" and "tenant" in event for event in events)
+    status = json.loads(runner("status", "j", "--json", "--state", "state.db", cwd=tmp_path).stdout)
+    assert sum(t["by_status"]["done"] for t in status[0]["tenants"]) == 160
+
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runner",
+            "--log-format",
+            "json",
+            "resume",
+            "nope",
+            "--state",
+            "state.db",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    (error,) = [json.loads(line) for line in refused.stderr.splitlines()]
+    assert (
+        refused.returncode == 2
+        and error["event"] == "error"
+        and "no run 'nope'" in error["message"]
+    )
