@@ -40,7 +40,7 @@ DEMO_SIMULATOR = SimulatorConfig(latency_s=0.05, latency_jitter_s=0.1)
 
 
 def register(
-    store: Store, run_id: str, job: Job, *, strict: bool = False, input_hash: str = ""
+    store: Store, run_id: str, job: Job, *, input_hash: str, strict: bool = False
 ) -> int:
     """Read, validate and register every input row; returns the row count."""
     source = job.job.input
@@ -50,6 +50,7 @@ def register(
         job_json=job.to_json(),
         input_path=str(source),
         input_format=input_format(job),
+        input_hash=input_hash,
         output_path=str(job.job.output),
     )
     try:

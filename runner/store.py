@@ -231,7 +231,7 @@ class Store:
         input_path: str,
         input_format: str,
         output_path: str,
-        input_hash: str = "",
+        input_hash: str,
     ) -> None:
         now = utc_now()
         with self._write():

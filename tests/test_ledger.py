@@ -24,6 +24,7 @@ def new_store(path: Path, rows: int) -> Store:
     store = Store(path)
     store.create_run(
         "r",
+        input_hash="h",
         job_name="j",
         job_json="{}",
         input_path="in",

@@ -17,6 +17,7 @@ from runner.store import Store
 def register(store: Store, batches: list[pa.RecordBatch]) -> None:
     store.create_run(
         "r",
+        input_hash="h",
         job_name="j",
         job_json="{}",
         input_path="in",

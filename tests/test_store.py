@@ -24,6 +24,7 @@ def store(tmp_path: Path) -> Store:
     store = Store(tmp_path / "state.db")
     store.create_run(
         "r",
+        input_hash="h",
         job_name="j",
         job_json="{}",
         input_path="in.jsonl",

@@ -67,6 +67,7 @@ def test_a_run_stopped_while_registering_is_refused_by_resume_and_redone_by_subm
     store = Store(tmp_path / "state.db")
     store.create_run(
         "night",
+        input_hash="h",
         job_name="test",
         job_json="{}",
         input_path="x",
