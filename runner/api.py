@@ -13,7 +13,7 @@ import os
 import threading
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -133,6 +133,7 @@ async def run_job_async(
             if info is None:
                 register(store, run_id, spec, strict=strict, input_hash=input_hash)
             else:
+                _check_not_pruned(info)
                 _check_same_input(info, spec, input_hash)
                 store.update_job(run_id, spec.to_json())
             return await _execute(
@@ -165,12 +166,21 @@ async def resume_async(
                     f"run {run_id!r} was stopped while registering its input, before anything "
                     f"was sent; submit it again: runner submit JOB.toml --run-id {run_id}"
                 )
+            _check_not_pruned(info)
             spec = Job.from_json(info.job_json)
             return await _execute(
                 store, run_id, spec, environ, on_progress, handle_signals, settings, retry_failed
             )
     finally:
         store.close()
+
+
+def _check_not_pruned(info: RunInfo) -> None:
+    if info.phase == "pruned":
+        raise StateError(
+            f"run {info.run_id!r} was pruned: its rows are gone, its summary and ledger "
+            "remain; submit with --restart, or another --run-id, to run the input again"
+        )
 
 
 def _check_same_input(info: RunInfo, job: Job, input_hash: str) -> None:
@@ -281,6 +291,34 @@ def status(
         return [(info, store.counts(info.run_id)) for info in runs]
     finally:
         store.close()
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    runs: tuple[str, ...]
+    rows: int
+    bytes_before: int
+    bytes_after: int
+
+
+def prune(older_than_s: float, *, state: Path | str | None = None) -> PruneResult:
+    """Remove the request rows of finished runs untouched for `older_than_s`
+    seconds; summaries and the ledger stay. The database is vacuumed after."""
+    store = Store(state_path(state), create=False)
+    try:
+        before = _size(store.path)
+        cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
+        runs, rows = store.prune(cutoff.isoformat(timespec="milliseconds"))
+        store.vacuum()
+        return PruneResult(tuple(runs), rows, before, _size(store.path))
+    finally:
+        store.close()
+
+
+def _size(path: Path) -> int:
+    """The database's bytes on disk, its write-ahead log included."""
+    wal = path.with_name(path.name + "-wal")
+    return path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
 
 
 def _run_sync(start: Callable[[], Coroutine[Any, Any, T]]) -> T:

@@ -358,6 +358,33 @@ def _cell(value: object) -> object:
 
 
 @main.command()
+@click.option("--older-than", required=True, help="Age such as 30d, 12h or 2w.")
+@_state_option
+@_exits
+def prune(older_than: str, state: Path | None) -> None:
+    """Remove old finished runs' request rows; summaries and the ledger stay."""
+    result = api.prune(_seconds(older_than), state=state)
+    freed = (result.bytes_before - result.bytes_after) / 1e6
+    click.echo(
+        f"pruned {len(result.runs)} run(s), {result.rows} request rows; the state database "
+        f"went from {result.bytes_before / 1e6:.1f} MB to {result.bytes_after / 1e6:.1f} MB "
+        f"({freed:.1f} MB freed)"
+    )
+    for run_id in result.runs:
+        click.echo(f"  {run_id}")
+
+
+def _seconds(age: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    number, unit = age[:-1], age[-1:]
+    try:
+        return float(number) * units[unit]
+    except (KeyError, ValueError):
+        message = f"{age!r}: expected a number and s, m, h, d or w, e.g. 30d"
+        raise click.BadParameter(message, param_hint="--older-than") from None
+
+
+@main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--latency", default=0.0, show_default=True, help="Seconds before each answer.")

@@ -39,9 +39,7 @@ _STRICT_SHOWN = 20
 DEMO_SIMULATOR = SimulatorConfig(latency_s=0.05, latency_jitter_s=0.1)
 
 
-def register(
-    store: Store, run_id: str, job: Job, *, input_hash: str, strict: bool = False
-) -> int:
+def register(store: Store, run_id: str, job: Job, *, input_hash: str, strict: bool = False) -> int:
     """Read, validate and register every input row; returns the row count."""
     source = job.job.input
     store.create_run(

@@ -98,6 +98,17 @@ def m001_initial(db: Database) -> None:
             error TEXT NOT NULL
         );
         CREATE INDEX attempts_request ON attempts(run_id, seq);
+        CREATE TABLE run_summaries (      -- per-tenant counts of a pruned run
+            run_id TEXT NOT NULL,
+            tenant TEXT NOT NULL,
+            by_status TEXT NOT NULL,      -- JSON: status -> rows
+            prompt_tokens INTEGER NOT NULL,
+            cached_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            cost_micros INTEGER NOT NULL,
+            resends INTEGER NOT NULL,
+            PRIMARY KEY (run_id, tenant)
+        );
         CREATE TABLE carried (            -- pass-through columns, one Arrow batch per input batch
             run_id TEXT NOT NULL,
             first_seq INTEGER NOT NULL,
@@ -278,6 +289,58 @@ class Store:
                 [phase, rows, utc_now(), run_id],
             )
 
+    def prune(self, older_than: str) -> tuple[list[str], int]:
+        """Drop the request rows, failed attempts and carried columns of finished
+        runs last touched before `older_than` (ISO time), keeping each run's
+        per-tenant summary and every ledger row (billing needs them). Returns the
+        pruned run ids and how many request rows went."""
+        runs = [
+            run_id
+            for (run_id,) in self.db.execute(
+                "SELECT run_id FROM runs WHERE phase = 'finished' AND updated_at < ?",
+                [older_than],
+            ).fetchall()
+        ]
+        removed = 0
+        for run_id in runs:
+            counts = self.counts(run_id)
+            with self._write():
+                self.db.conn.executemany(
+                    "INSERT INTO run_summaries (run_id, tenant, by_status, prompt_tokens,"
+                    " cached_tokens, completion_tokens, cost_micros, resends)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            run_id,
+                            c.tenant,
+                            json.dumps(c.by_status),
+                            c.prompt_tokens,
+                            c.cached_tokens,
+                            c.completion_tokens,
+                            c.cost_micros,
+                            c.resends,
+                        )
+                        for c in counts
+                    ],
+                )
+                removed += self.db.execute(
+                    "DELETE FROM requests WHERE run_id = ?", [run_id]
+                ).rowcount
+                for table in ("attempts", "carried"):
+                    self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+                self.db.execute(
+                    "UPDATE runs SET phase = 'pruned', updated_at = ? WHERE run_id = ?",
+                    [utc_now(), run_id],
+                )
+        return runs, removed
+
+    def vacuum(self) -> None:
+        """Give the space of deleted rows back to the file system."""
+        try:
+            self.db.execute("VACUUM")
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: {exc}") from None
+
     def update_job(self, run_id: str, job_json: str) -> None:
         """Settings for the run's next execution (provider, tenants, prices)."""
         with self._write():
@@ -289,7 +352,7 @@ class Store:
     def delete_run(self, run_id: str) -> None:
         """Forget a run that never sent anything (a refused or restarted submit)."""
         with self._write():
-            for table in ("requests", "attempts", "carried", "runs"):
+            for table in ("requests", "attempts", "carried", "run_summaries", "runs"):
                 self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
 
     # -- registration ---------------------------------------------------------
@@ -534,6 +597,14 @@ class Store:
     # -- reading results --------------------------------------------------------
 
     def counts(self, run_id: str) -> list[TenantCounts]:
+        """Per-tenant rows by status, tokens and cost (a pruned run's from its summary)."""
+        summary = self.db.execute(
+            "SELECT tenant, by_status, prompt_tokens, cached_tokens, completion_tokens,"
+            " cost_micros, resends FROM run_summaries WHERE run_id = ? ORDER BY tenant",
+            [run_id],
+        ).fetchall()
+        if summary:
+            return [TenantCounts(row[0], json.loads(row[1]), *row[2:]) for row in summary]
         rows = self.db.execute(
             "SELECT tenant, status, COUNT(*), TOTAL(prompt_tokens), TOTAL(cached_tokens),"
             " TOTAL(completion_tokens), TOTAL(cost_micros), TOTAL(resends)"

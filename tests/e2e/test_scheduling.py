@@ -211,3 +211,33 @@ def test_json_logs_and_result_for_log_shippers(tmp_path: Path, write_job: JobWri
         and error["event"] == "error"
         and "no run 'nope'" in error["message"]
     )
+
+
+def test_prune_drops_old_rows_keeps_summaries_and_the_ledger(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    job = write_job(SAMPLE_DATA / "prompts.parquet", input_section='prompt = "turns"')
+    assert runner("submit", str(job), "--run-id", "old", cwd=tmp_path).returncode == 0
+    before = json.loads(
+        runner("status", "old", "--json", "--state", "state.db", cwd=tmp_path).stdout
+    )
+    report_before = runner("report", "--format", "json", "--state", "state.db", cwd=tmp_path).stdout
+
+    kept = runner("prune", "--older-than", "1d", "--state", "state.db", cwd=tmp_path)
+    assert kept.returncode == 0 and "pruned 0 run(s), 0 request rows" in kept.stdout
+    time.sleep(0.05)
+    pruned = runner("prune", "--older-than", "0s", "--state", "state.db", cwd=tmp_path)
+    assert pruned.returncode == 0, pruned.stderr
+    assert "pruned 1 run(s), 160 request rows" in pruned.stdout and "  old" in pruned.stdout
+
+    after = json.loads(
+        runner("status", "old", "--json", "--state", "state.db", cwd=tmp_path).stdout
+    )
+    assert after[0]["phase"] == "pruned"
+    assert after[0]["tenants"] == before[0]["tenants"]
+    report_after = runner("report", "--format", "json", "--state", "state.db", cwd=tmp_path).stdout
+    assert report_after == report_before
+    resumed = runner("resume", "old", "--state", "state.db", cwd=tmp_path)
+    assert resumed.returncode == 2 and "was pruned" in resumed.stderr
+    bad = runner("prune", "--older-than", "soon", "--state", "state.db", cwd=tmp_path)
+    assert bad.returncode == 2 and "expected a number and s, m, h, d or w" in bad.stderr
