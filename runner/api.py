@@ -23,8 +23,10 @@ from runner.config import Job, load_job
 from runner.engine import EngineSettings
 from runner.errors import ConfigError, StateError
 from runner.locks import RunLock
+from runner.logs import log
 from runner.runs import ProgressCallback, batch_output_paths, execute, register
 from runner.sources import file_hash
+from runner.sources.discover import candidates, combined_hash, is_pattern, settled
 from runner.store import RunInfo, Store, TenantCounts
 
 DEFAULT_STATE = Path("runner.db")
@@ -121,17 +123,20 @@ async def run_job_async(
     spec = job if isinstance(job, Job) else load_job(job)
     if state is None and spec.job.state is not None and not environ.get(STATE_VARIABLE):
         state = spec.job.state
-    input_hash = file_hash(spec.job.input) if spec.job.input.is_file() else ""
-    run_id = resolve_run_id(run_id or spec.job.run_id, spec, input_hash)
     store = Store(state_path(state, environ))
     try:
+        files = _new_input_files(spec, store)
+        input_hash = combined_hash(files) if is_pattern(spec.job.input) else files[0][1]
+        run_id = resolve_run_id(run_id or spec.job.run_id, spec, input_hash)
         with RunLock(store.path, run_id):
             info = store.run(run_id)
             if info is not None and (info.phase == "registering" or restart):
                 store.delete_run(run_id)  # killed while registering, or asked to start over
                 info = None
             if info is None:
-                register(store, run_id, spec, strict=strict, input_hash=input_hash)
+                if not files:
+                    return _nothing_new(store, run_id, spec)
+                register(store, run_id, spec, files, strict=strict, input_hash=input_hash)
             else:
                 _check_not_pruned(info)
                 _check_same_input(info, spec, input_hash)
@@ -141,6 +146,29 @@ async def run_job_async(
             )
     finally:
         store.close()
+
+
+def _new_input_files(job: Job, store: Store) -> list[tuple[Path, str]]:
+    """(path, sha256) of the input: the job's one file, or for a folder or glob
+    each settled file that no run of this job has registered yet."""
+    if not is_pattern(job.job.input):
+        return [(job.job.input, file_hash(job.job.input))]
+    processed = store.processed_inputs(job.job.name)
+    ready, busy = settled(candidates(job.job.input), job.input.settle_s)
+    for path in busy:
+        log.warning("skipping %s: it is still being written", path, extra={"event": "skip"})
+    hashed = [(path, file_hash(path)) for path in ready]
+    return [(path, digest) for path, digest in hashed if (str(path), digest) not in processed]
+
+
+def _nothing_new(store: Store, run_id: str, job: Job) -> RunResult:
+    log.info(
+        "no new input files for job %r in %s; nothing to do",
+        job.job.name,
+        job.job.input,
+        extra={"event": "nothing_new"},
+    )
+    return RunResult(run_id, store.path, (), (), interrupted=False, requeued=0)
 
 
 async def resume_async(
@@ -189,7 +217,7 @@ def _check_same_input(info: RunInfo, job: Job, input_hash: str) -> None:
             f"run {info.run_id!r} was registered from {info.input_path}, not {job.job.input}; "
             "use another --run-id for another input"
         )
-    if info.input_hash != input_hash:
+    if info.input_hash != input_hash and not is_pattern(job.job.input):
         raise StateError(
             f"run {info.run_id!r}: {info.input_path} changed since the run was registered; "
             "submit with --restart to register it afresh (rows already sent stay paid for), "

@@ -193,6 +193,8 @@ def _tenant_record(t: TenantCounts) -> dict[str, object]:
 
 
 def _finish(result: api.RunResult) -> None:
+    if not result.tenants:  # a folder or glob input with no new file: logged already
+        sys.exit(EXIT_OK)
     print_table(summary_table(f"run {result.run_id}", result.tenants))
     for tenant, status, error, rows in result.problems:
         click.echo(f"{tenant}: {rows} {status}: {error}")

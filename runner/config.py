@@ -57,6 +57,7 @@ class InputMapping(_Section):
     except those the job names explicitly (a wrong name refuses the file)."""
 
     format: InputFormat = "auto"
+    settle_s: Annotated[float, Field(ge=0, le=3600)] = 2.0  # folder/glob inputs only
     id: str = "id"
     tenant: str = "tenant"
     prompt: str = "prompt"

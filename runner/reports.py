@@ -20,6 +20,7 @@ from runner.errors import ConfigError
 from runner.ledger import Entry, InvoiceLine, Kind, period_of
 from runner.pricing import usd_to_micros
 from runner.records import Request
+from runner.sources.discover import input_files
 from runner.store import Store
 from runner.validate import check_input
 
@@ -160,7 +161,7 @@ def estimate(job: Job, store: Store | None) -> list[EstimateRow]:
     nothing is written."""
     prices = job.price_table()
     rows: dict[str, EstimateRow] = {}
-    for _, checked_rows in check_input(job, prices):
+    for _, checked_rows in check_input(job, prices, input_files(job)):
         for checked in checked_rows:
             entry = rows.setdefault(checked.tenant, EstimateRow(checked.tenant))
             if isinstance(checked, Request):

@@ -39,21 +39,32 @@ _STRICT_SHOWN = 20
 DEMO_SIMULATOR = SimulatorConfig(latency_s=0.05, latency_jitter_s=0.1)
 
 
-def register(store: Store, run_id: str, job: Job, *, input_hash: str, strict: bool = False) -> int:
-    """Read, validate and register every input row; returns the row count."""
+def register(
+    store: Store,
+    run_id: str,
+    job: Job,
+    files: Sequence[tuple[Path, str]],
+    *,
+    input_hash: str,
+    strict: bool = False,
+) -> int:
+    """Read, validate and register every row of the input files, given as
+    (path, sha256); returns the row count."""
     source = job.job.input
+    paths = [path for path, _ in files]
     store.create_run(
         run_id,
         job_name=job.job.name,
         job_json=job.to_json(),
         input_path=str(source),
-        input_format=input_format(job),
+        input_format=input_format(job, paths),
         input_hash=input_hash,
         output_path=str(job.job.output),
+        files=files,
     )
     try:
         rows = 0
-        for batch, checked in check_input(job, job.price_table()):
+        for batch, checked in check_input(job, job.price_table(), paths):
             requests = [item for item in checked if isinstance(item, Request)]
             rejections = [item for item in checked if isinstance(item, Rejection)]
             store.register(run_id, requests, rejections, batch.carried, batch.rows[0].seq)

@@ -98,6 +98,14 @@ def m001_initial(db: Database) -> None:
             error TEXT NOT NULL
         );
         CREATE INDEX attempts_request ON attempts(run_id, seq);
+        CREATE TABLE run_inputs (         -- the files a run registered, for input discovery
+            run_id TEXT NOT NULL,
+            job_name TEXT NOT NULL,
+            path TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            PRIMARY KEY (run_id, path)
+        );
+        CREATE INDEX run_inputs_job ON run_inputs(job_name);
         CREATE TABLE run_summaries (      -- per-tenant counts of a pruned run
             run_id TEXT NOT NULL,
             tenant TEXT NOT NULL,
@@ -243,9 +251,15 @@ class Store:
         input_format: str,
         output_path: str,
         input_hash: str,
+        files: Sequence[tuple[Path, str]] = (),
     ) -> None:
+        """A run in phase `registering`, with the input files (path, sha256) it reads."""
         now = utc_now()
         with self._write():
+            self.db.conn.executemany(
+                "INSERT INTO run_inputs (run_id, job_name, path, sha256) VALUES (?, ?, ?, ?)",
+                [(run_id, job_name, str(path), digest) for path, digest in files],
+            )
             self.db.execute(
                 "INSERT INTO runs (run_id, job_name, job_json, input_path, input_format,"
                 " input_hash, output_path, phase, created_at, updated_at)"
@@ -341,6 +355,13 @@ class Store:
         except sqlite3.Error as exc:
             raise StateError(f"{self.path}: {exc}") from None
 
+    def processed_inputs(self, job_name: str) -> set[tuple[str, str]]:
+        """(path, sha256) of every file a run of this job registered."""
+        rows = self.db.execute(
+            "SELECT path, sha256 FROM run_inputs WHERE job_name = ?", [job_name]
+        ).fetchall()
+        return {(path, digest) for path, digest in rows}
+
     def update_job(self, run_id: str, job_json: str) -> None:
         """Settings for the run's next execution (provider, tenants, prices)."""
         with self._write():
@@ -352,7 +373,7 @@ class Store:
     def delete_run(self, run_id: str) -> None:
         """Forget a run that never sent anything (a refused or restarted submit)."""
         with self._write():
-            for table in ("requests", "attempts", "carried", "run_summaries", "runs"):
+            for table in ("requests", "attempts", "carried", "run_summaries", "run_inputs", "runs"):
                 self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
 
     # -- registration ---------------------------------------------------------

@@ -11,11 +11,12 @@ could not account for its money (a price of zero is never assumed).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from runner.config import InputFormat, Job
-from runner.errors import ConfigError
+from runner.errors import ConfigError, InputError
 from runner.pricing import Price
 from runner.records import InputRow, Rejection, Request
 from runner.sources import SourceBatch, detect_format, open_source
@@ -25,19 +26,30 @@ _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "functio
 _CHAT_PATH = "/chat/completions"
 
 
-def input_format(job: Job) -> InputFormat:
-    """The job's input format, as its `[input] format` says or the file name shows."""
-    return detect_format(job.job.input) if job.input.format == "auto" else job.input.format
+def input_format(job: Job, files: Sequence[Path]) -> InputFormat:
+    """The input's format, as `[input] format` says or the file names show; one
+    run reads one format."""
+    if job.input.format != "auto":
+        return job.input.format
+    kinds = {path: detect_format(path) for path in files}
+    if len(set(kinds.values())) > 1:
+        listing = ", ".join(f"{path.name} ({kind})" for path, kind in kinds.items())
+        raise InputError(f"{job.job.input}: the input files mix formats: {listing}")
+    return next(iter(kinds.values()))
 
 
 def check_input(
-    job: Job, prices: Mapping[str, Price]
+    job: Job, prices: Mapping[str, Price], files: Sequence[Path]
 ) -> Iterator[tuple[SourceBatch, list[Request | Rejection]]]:
-    """Stream the job's input: each batch with its rows checked, in input order."""
+    """Stream the input files: each batch with its rows checked, in input order,
+    rows numbered on across files."""
     validator = Validator(job, prices)
-    mapping = job.input.model_copy(update={"format": input_format(job)})
-    for batch in open_source(job.job.input, mapping):
-        yield batch, [validator.check(row) for row in batch.rows]
+    mapping = job.input.model_copy(update={"format": input_format(job, files)})
+    seq = 0
+    for path in files:
+        for batch in open_source(path, mapping, start_seq=seq):
+            yield batch, [validator.check(row) for row in batch.rows]
+            seq = batch.rows[-1].seq + 1
 
 
 class _Bad(Exception):

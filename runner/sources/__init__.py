@@ -45,17 +45,18 @@ def file_hash(path: Path) -> str:
 
 
 def open_source(
-    path: Path, mapping: InputMapping, *, batch_rows: int = BATCH_ROWS
+    path: Path, mapping: InputMapping, *, batch_rows: int = BATCH_ROWS, start_seq: int = 0
 ) -> Iterator[SourceBatch]:
-    """Stream `path` in the format the mapping names, or the one it looks like."""
+    """Stream `path` in the format the mapping names, or the one it looks like;
+    rows are numbered from `start_seq` (a run over several files counts on)."""
     from runner.sources import jsonl, openai_batch, parquet
 
     kind = detect_format(path) if mapping.format == "auto" else mapping.format
     if kind == "parquet":
-        return parquet.read(path, mapping, batch_rows=batch_rows)
+        return parquet.read(path, mapping, batch_rows=batch_rows, start_seq=start_seq)
     if kind == "openai_batch":
-        return openai_batch.read(path, batch_rows=batch_rows)
-    return jsonl.read(path, mapping, batch_rows=batch_rows)
+        return openai_batch.read(path, batch_rows=batch_rows, start_seq=start_seq)
+    return jsonl.read(path, mapping, batch_rows=batch_rows, start_seq=start_seq)
 
 
 PARQUET_SUFFIXES = frozenset({".parquet", ".pq"})

@@ -52,7 +52,9 @@ def json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | N
 Split = Callable[[dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]]
 
 
-def read(path: Path, mapping: InputMapping, *, batch_rows: int) -> Iterator[SourceBatch]:
+def read(
+    path: Path, mapping: InputMapping, *, batch_rows: int, start_seq: int = 0
+) -> Iterator[SourceBatch]:
     """A JSONL table: mapped keys become request fields, the others are carried."""
     columns = mapping.columns()
     consumed = set(columns.values())
@@ -64,15 +66,17 @@ def read(path: Path, mapping: InputMapping, *, batch_rows: int) -> Iterator[Sour
         }
         return fields, {key: value for key, value in obj.items() if key not in consumed}
 
-    return read_objects(path, split, batch_rows=batch_rows)
+    return read_objects(path, split, batch_rows=batch_rows, start_seq=start_seq)
 
 
-def read_objects(path: Path, split: Split, *, batch_rows: int) -> Iterator[SourceBatch]:
+def read_objects(
+    path: Path, split: Split, *, batch_rows: int, start_seq: int = 0
+) -> Iterator[SourceBatch]:
     """Batches of rows from a JSONL file, `split` parting each object into
     request fields and carried values."""
     rows: list[InputRow] = []
     carried: list[dict[str, Any]] = []
-    seq = parsed = 0
+    seq, parsed = start_seq, 0
     first_problem = ""
     for number, obj, problem in json_lines(path):
         fields, carry = split(obj) if obj is not None else ({}, {})
@@ -87,7 +91,7 @@ def read_objects(path: Path, split: Split, *, batch_rows: int) -> Iterator[Sourc
             rows, carried = [], []
     if rows:
         yield SourceBatch(rows, carried_batch(carried))
-    if seq == 0:
+    if seq == start_seq:
         raise InputError(f"{path}: the input file has no rows (only blank lines)")
     if parsed == 0:
         raise InputError(f"{path}: no line is a JSON object; is it JSON Lines? ({first_problem})")

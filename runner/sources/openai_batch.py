@@ -17,8 +17,8 @@ from runner.sources.jsonl import read_objects
 BATCH_KEYS = ("custom_id", "method", "url", "body", "tenant")
 
 
-def read(path: Path, *, batch_rows: int) -> Iterator[SourceBatch]:
-    return read_objects(path, _split, batch_rows=batch_rows)
+def read(path: Path, *, batch_rows: int, start_seq: int = 0) -> Iterator[SourceBatch]:
+    return read_objects(path, _split, batch_rows=batch_rows, start_seq=start_seq)
 
 
 def _split(obj: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

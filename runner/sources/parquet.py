@@ -14,7 +14,9 @@ from runner.records import InputRow
 from runner.sources import SourceBatch
 
 
-def read(path: Path, mapping: InputMapping, *, batch_rows: int) -> Iterator[SourceBatch]:
+def read(
+    path: Path, mapping: InputMapping, *, batch_rows: int, start_seq: int = 0
+) -> Iterator[SourceBatch]:
     try:
         parquet = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as exc:
@@ -30,7 +32,7 @@ def read(path: Path, mapping: InputMapping, *, batch_rows: int) -> Iterator[Sour
         raise InputError(f"{path}: the input file has no rows")
     mapped = {name: column for name, column in mapping.columns().items() if column in present}
     carried_names = [name for name in parquet.schema_arrow.names if name not in mapped.values()]
-    seq = 0
+    row = 0
     try:
         for batch in parquet.iter_batches(batch_size=batch_rows):
             values = {name: batch.column(column).to_pylist() for name, column in mapped.items()}
@@ -38,8 +40,8 @@ def read(path: Path, mapping: InputMapping, *, batch_rows: int) -> Iterator[Sour
             for index in range(batch.num_rows):
                 fields = {name: column_values[index] for name, column_values in values.items()}
                 fields = {name: value for name, value in fields.items() if value is not None}
-                rows.append(InputRow(seq, f"{path}: row {seq + 1}", fields))
-                seq += 1
+                rows.append(InputRow(start_seq + row, f"{path}: row {row + 1}", fields))
+                row += 1
             yield SourceBatch(rows, batch.select(carried_names))
     except (OSError, pa.ArrowException) as exc:
-        raise InputError(f"{path}: cannot read row {seq + 1} onwards: {exc}") from None
+        raise InputError(f"{path}: cannot read row {row + 1} onwards: {exc}") from None

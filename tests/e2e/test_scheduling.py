@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from runner.simulator import SimulatorConfig, SimulatorThread
@@ -241,3 +242,48 @@ def test_prune_drops_old_rows_keeps_summaries_and_the_ledger(
     assert resumed.returncode == 2 and "was pruned" in resumed.stderr
     bad = runner("prune", "--older-than", "soon", "--state", "state.db", cwd=tmp_path)
     assert bad.returncode == 2 and "expected a number and s, m, h, d or w" in bad.stderr
+
+
+def test_a_folder_input_takes_each_new_settled_file_once(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+
+    def drop(name: str, ids: range) -> None:
+        rows = "".join(json.dumps({"id": f"{name}{n}", "prompt": f"Q {n}?"}) + "\n" for n in ids)
+        (inbox / name).write_text(rows, encoding="utf-8")
+
+    drop("a.jsonl", range(3))
+    drop("b.jsonl", range(2))
+    drop("c.jsonl.part", range(9))  # still being uploaded
+    drop(".d.jsonl", range(9))  # hidden
+    job = write_job(inbox, input_section="settle_s = 0.2")
+    first = runner("submit", str(job), "--run-id", "{job}-{input_hash}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    ids = pq.read_table(tmp_path / "out" / "result.parquet").column("id").to_pylist()
+    assert ids == ["a.jsonl0", "a.jsonl1", "a.jsonl2", "b.jsonl0", "b.jsonl1"]
+
+    nothing = runner("submit", str(job), "--run-id", "{job}-{input_hash}", cwd=tmp_path)
+    assert nothing.returncode == 0
+    assert "no new input files for job 'test'" in nothing.stderr
+
+    drop("e.jsonl", range(2))
+    growing = inbox / "f.jsonl"
+    growing.write_text(json.dumps({"id": "f0", "prompt": "Q?"}) + "\n", encoding="utf-8")
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time,sys\nfor n in range(40):\n time.sleep(0.05)\n"
+            f' open({str(growing)!r},\'a\').write(\'{{"id": "f%d", "prompt": "Q"}}\\n\' % n)',
+        ],
+    )
+    third = runner("submit", str(job), "--run-id", "{job}-{input_hash}", cwd=tmp_path)
+    writer.wait()
+    assert third.returncode == 0, third.stderr
+    assert f"skipping {growing}: it is still being written" in third.stderr
+    ids = pq.read_table(tmp_path / "out" / "result.parquet").column("id").to_pylist()
+    assert ids == ["e.jsonl0", "e.jsonl1"]
+    runs = json.loads(runner("status", "--json", "--state", "state.db", cwd=tmp_path).stdout)
+    assert [run["rows"] for run in runs] == [5, 2]
