@@ -283,6 +283,7 @@ def run_job(
             state=state,
             strict=strict,
             retry_failed=retry_failed,
+            restart=restart,
             on_progress=on_progress,
             environ=environ,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -64,3 +65,15 @@ def test_state_path_prefers_the_flag_then_the_environment_then_the_default() -> 
     assert state_path("a.db", {"RUNNER_STATE": "b.db"}) == Path("a.db")
     assert state_path(None, {"RUNNER_STATE": "b.db"}) == Path("b.db")
     assert state_path(None, {}) == Path("runner.db")
+
+
+def test_the_sync_api_passes_every_option_of_the_async_one() -> None:
+    for sync, asynchronous, positional in (
+        (runner.run_job, runner.run_job_async, "job"),
+        (runner.resume, runner.resume_async, "run_id"),
+    ):
+        options = set(inspect.signature(sync).parameters) - {positional}
+        async_options = set(inspect.signature(asynchronous).parameters) - {positional}
+        assert options == async_options - {"handle_signals", "settings"}
+        source = inspect.getsource(sync)
+        assert [option for option in options if f"{option}={option}" not in source] == []
