@@ -30,104 +30,14 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 from sqlite_utils import Database
-from sqlite_utils.migrations import Migrations
 
 from runner import ledger
 from runner.errors import StateError
 from runner.ledger import Balance, Entry, Kind
 from runner.records import Outcome, Rejection, Request
+from runner.schema import migrations
 
-migrations = Migrations("runner")
 T = TypeVar("T")
-
-
-@migrations()
-def m001_initial(db: Database) -> None:
-    db.executescript(
-        """
-        CREATE TABLE runs (
-            run_id TEXT PRIMARY KEY,
-            job_name TEXT NOT NULL,
-            job_json TEXT NOT NULL,
-            input_path TEXT NOT NULL,
-            input_format TEXT NOT NULL,
-            input_hash TEXT NOT NULL,     -- sha256 of the input file(s) as registered
-            output_path TEXT NOT NULL,
-            phase TEXT NOT NULL,          -- registering, ready, finished
-            rows INTEGER NOT NULL DEFAULT 0,
-            created_at TEXT NOT NULL,
-            updated_at TEXT NOT NULL
-        );
-        CREATE TABLE requests (
-            run_id TEXT NOT NULL REFERENCES runs(run_id),
-            seq INTEGER NOT NULL,         -- position in the input, from 0
-            row_id TEXT NOT NULL,
-            tenant TEXT NOT NULL,
-            model TEXT NOT NULL,
-            source TEXT NOT NULL,         -- file:line or file: row N
-            status TEXT NOT NULL,
-            body TEXT,                    -- the request as sent (JSON), NULL if rejected
-            prompt_estimate INTEGER,
-            max_tokens INTEGER,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            resends INTEGER NOT NULL DEFAULT 0,
-            response TEXT,
-            finish_reason TEXT,
-            prompt_tokens INTEGER,
-            cached_tokens INTEGER,
-            completion_tokens INTEGER,
-            reasoning_tokens INTEGER,
-            cost_micros INTEGER,
-            latency_ms INTEGER,
-            error TEXT,
-            raw_body TEXT,                -- kept for OpenAI-batch output only
-            reserved_micros INTEGER,      -- the budget reservation while sent
-            reserved_period TEXT,
-            sent_at REAL,                 -- unix time of the last attempt
-            PRIMARY KEY (run_id, seq)
-        );
-        CREATE INDEX requests_lane ON requests(run_id, tenant, status, seq);
-        CREATE INDEX requests_row_id ON requests(run_id, row_id);
-        CREATE INDEX requests_recent ON requests(tenant, sent_at);
-        CREATE TABLE attempts (           -- failed attempts; the last one is on the row
-            run_id TEXT NOT NULL,
-            seq INTEGER NOT NULL,
-            attempt INTEGER NOT NULL,
-            at TEXT NOT NULL,
-            http_status INTEGER,
-            error TEXT NOT NULL
-        );
-        CREATE INDEX attempts_request ON attempts(run_id, seq);
-        CREATE TABLE run_inputs (         -- the files a run registered, for input discovery
-            run_id TEXT NOT NULL,
-            job_name TEXT NOT NULL,
-            path TEXT NOT NULL,
-            sha256 TEXT NOT NULL,
-            PRIMARY KEY (run_id, path)
-        );
-        CREATE INDEX run_inputs_job ON run_inputs(job_name);
-        CREATE TABLE run_summaries (      -- per-tenant counts of a pruned run
-            run_id TEXT NOT NULL,
-            tenant TEXT NOT NULL,
-            by_status TEXT NOT NULL,      -- JSON: status -> rows
-            prompt_tokens INTEGER NOT NULL,
-            cached_tokens INTEGER NOT NULL,
-            completion_tokens INTEGER NOT NULL,
-            cost_micros INTEGER NOT NULL,
-            resends INTEGER NOT NULL,
-            PRIMARY KEY (run_id, tenant)
-        );
-        CREATE TABLE carried (            -- pass-through columns, one Arrow batch per input batch
-            run_id TEXT NOT NULL,
-            first_seq INTEGER NOT NULL,
-            num_rows INTEGER NOT NULL,
-            schema BLOB NOT NULL,
-            data BLOB NOT NULL,
-            PRIMARY KEY (run_id, first_seq)
-        );
-        """
-        + ledger.CREATE_TABLES
-    )
 
 
 @dataclass(frozen=True, slots=True)
