@@ -4,13 +4,15 @@ Each lane owns its tenant's `TenantLimiter`, key and retry state, so a tenant
 that is rate-limited, failing or refused never slows another. Inside a lane a
 feeder pages `pending` rows from the store into a bounded stream (backpressure:
 at most `max_parallel` rows wait in memory) and `max_parallel` workers take a
-row each through: limiter admission -> `sent` committed -> one HTTP attempt ->
-outcome queued, retrying as the error says:
+row each through: budget reservation (`budget.py`) -> limiter admission ->
+`sent` committed -> one HTTP attempt -> outcome and ledger entries queued,
+retrying as the error says:
 
 - `RateLimited` (429): the whole lane pauses for the server's hint (or backoff);
 - `Retryable`: exponential backoff with jitter, up to `max_attempts`, then `failed`;
-- `TenantRefused` (401/402/403): the row and every unsent row of the tenant are
-  `deferred` (a resume after fixing the key or account sends them);
+- `TenantRefused` (401/402/403), a missing key or an exhausted budget: the row
+  and every unsent row of the tenant are `deferred` (a resume after fixing the
+  key, the account or the budget sends them);
 - `RequestRejected` (other 4xx): the row `failed` with the provider's message.
 
 `stop()` is the graceful stop: no new attempt starts, attempts in flight finish
