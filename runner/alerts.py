@@ -56,6 +56,7 @@ class Alerts:
     __slots__ = (
         "_delivered",
         "_job",
+        "_pending",
         "_receive",
         "_send",
         "_store",
@@ -71,6 +72,7 @@ class Alerts:
         self._job = job
         self._send, self._receive = anyio.create_memory_object_stream[tuple[str, Alert]](1000)
         self._delivered = anyio.Event()
+        self._pending: set[Alert] = set()
         self.attempts = attempts
         self.backoff_s = backoff_s
         self.fired: list[Alert] = []
@@ -109,9 +111,14 @@ class Alerts:
     async def deliver(self) -> None:
         """POST queued alerts until `close()`; runs in the engine's task group."""
         timeout = aiohttp.ClientTimeout(total=10)
-        async with aiohttp.ClientSession(timeout=timeout) as session, self._receive:
+        # Each alert posts on its own, so one webhook that hangs holds up no other.
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            self._receive,
+            anyio.create_task_group() as posts,
+        ):
             async for url, alert in self._receive:
-                await self._post(session, url, alert)
+                posts.start_soon(self._post, session, url, alert)
         self._delivered.set()
 
     def close(self) -> None:
@@ -123,6 +130,19 @@ class Alerts:
         await self._delivered.wait()
 
     async def _post(self, session: aiohttp.ClientSession, url: str, alert: Alert) -> None:
+        self._pending.add(alert)
+        try:
+            await self._post_with_retries(session, url, alert)
+        finally:
+            self._pending.discard(alert)
+
+    def unsent(self) -> list[Alert]:
+        """Alerts whose webhook post had not finished (when the run gave up waiting)."""
+        return sorted(self._pending, key=lambda alert: (alert.tenant, alert.threshold))
+
+    async def _post_with_retries(
+        self, session: aiohttp.ClientSession, url: str, alert: Alert
+    ) -> None:
         for attempt in range(1, self.attempts + 1):
             try:
                 async with session.post(url, json=alert.payload()) as response:

@@ -90,7 +90,7 @@ def resolve_run_id(template: str, job: Job, input_hash: str) -> str:
     }
     try:
         run_id = template.format_map(values)
-    except (KeyError, ValueError, IndexError) as exc:
+    except (KeyError, ValueError, IndexError, AttributeError, TypeError, OverflowError) as exc:
         raise ConfigError(
             f"run id template {template!r}: {exc}; use {{job}}, {{date}}, {{datetime}}, "
             "{input_hash}"
@@ -125,9 +125,16 @@ async def run_job_async(
         state = spec.job.state
     store = Store(state_path(state, environ))
     try:
-        files = _new_input_files(spec, store)
-        input_hash = combined_hash(files) if is_pattern(spec.job.input) else files[0][1]
-        run_id = resolve_run_id(run_id or spec.job.run_id, spec, input_hash)
+        unfinished = store.unfinished_runs(spec.job.name) if is_pattern(spec.job.input) else []
+        if run_id is None and unfinished:
+            # A folder or glob job that stopped early finishes that run first; its
+            # files count as processed, so discovery would never come back to it.
+            run_id, files, input_hash = unfinished[0], [], ""
+            log.info("continuing the unfinished run %s", run_id, extra={"event": "continue"})
+        else:
+            files = _new_input_files(spec, store)
+            input_hash = combined_hash(files) if is_pattern(spec.job.input) else files[0][1]
+            run_id = resolve_run_id(run_id or spec.job.run_id, spec, input_hash)
         with RunLock(store.path, run_id):
             info = store.run(run_id)
             if info is not None and (info.phase == "registering" or restart):
@@ -140,12 +147,22 @@ async def run_job_async(
             else:
                 _check_not_pruned(info)
                 _check_same_input(info, spec, input_hash)
+                _check_tenants_kept(store, info, spec)
                 store.update_job(run_id, spec.to_json())
             return await _execute(
                 store, run_id, spec, environ, on_progress, handle_signals, settings, retry_failed
             )
     finally:
         store.close()
+
+
+def _check_tenants_kept(store: Store, info: RunInfo, job: Job) -> None:
+    missing = sorted(store.open_tenants(info.run_id) - set(job.tenants))
+    if missing:
+        raise ConfigError(
+            f"run {info.run_id!r} has rows to send for tenant(s) {missing}, which the job "
+            "file no longer configures; add them back, or use another --run-id"
+        )
 
 
 def _new_input_files(job: Job, store: Store) -> list[tuple[Path, str]]:
@@ -157,7 +174,10 @@ def _new_input_files(job: Job, store: Store) -> list[tuple[Path, str]]:
     ready, busy = settled(candidates(job.job.input), job.input.settle_s)
     for path in busy:
         log.warning("skipping %s: it is still being written", path, extra={"event": "skip"})
-    hashed = [(path, file_hash(path)) for path in ready]
+    empty = [path for path in ready if path.stat().st_size == 0]
+    for path in empty:
+        log.warning("skipping %s: it is empty", path, extra={"event": "skip"})
+    hashed = [(path, file_hash(path)) for path in ready if path not in empty]
     return [(path, digest) for path, digest in hashed if (str(path), digest) not in processed]
 
 
@@ -217,7 +237,7 @@ def _check_same_input(info: RunInfo, job: Job, input_hash: str) -> None:
             f"run {info.run_id!r} was registered from {info.input_path}, not {job.job.input}; "
             "use another --run-id for another input"
         )
-    if info.input_hash != input_hash and not is_pattern(job.job.input):
+    if input_hash and info.input_hash != input_hash and not is_pattern(job.job.input):
         raise StateError(
             f"run {info.run_id!r}: {info.input_path} changed since the run was registered; "
             "submit with --restart to register it afresh (rows already sent stay paid for), "

@@ -83,6 +83,7 @@ def main(ctx: click.Context, log_format: str) -> None:
 def _report_error(error: RunnerError) -> None:
     if _log_format() == "json":
         logs.log.error(str(error), extra={"event": "error"})
+        click.echo(json.dumps({"event": "error", "message": str(error)}))
     else:
         click.echo(f"error: {error}", err=True)
 
@@ -101,7 +102,7 @@ _retry_failed_option = click.option(
 @main.command()
 @click.argument("job", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
-    "--run-id", help="Run id or template (default: the job's run_id, else {job}-{datetime})."
+    "--run-id", help="Run id or template (default: the job's run_id, else {job}-{input_hash})."
 )
 @click.option("--strict", is_flag=True, help="Refuse the whole file if any row is rejected.")
 @click.option(
@@ -288,11 +289,10 @@ def invoice(tenant: str, period: str | None, fmt: str, state: Path | None) -> No
     if fmt == "json":
         click.echo(json.dumps(bill, indent=2))
         return
-    lines = cast(list[dict[str, object]], bill["lines"])
-    total = {"model": "TOTAL", "amount_usd": bill["total_usd"]}
-    _render(f"invoice {tenant} {bill['period']}", [*lines, total], fmt)
-    for topup in cast(list[dict[str, object]], bill["topups"]):
-        click.echo(f"top-up {topup['at']}: ${topup['amount_usd']} ({topup['reason']})")
+    lines = [{"item": "usage", **line} for line in cast(list[dict[str, object]], bill["lines"])]
+    topups = [{"item": "topup", **topup} for topup in cast(list[dict[str, object]], bill["topups"])]
+    total = {"item": "total", "amount_usd": bill["total_usd"]}
+    _render(f"invoice {tenant} {bill['period']}", [*lines, *topups, total], fmt)
 
 
 @main.command()
@@ -366,7 +366,7 @@ def _cell(value: object) -> object:
 def prune(older_than: str, state: Path | None) -> None:
     """Remove old finished runs' request rows; summaries and the ledger stay."""
     result = api.prune(_seconds(older_than), state=state)
-    freed = (result.bytes_before - result.bytes_after) / 1e6
+    freed = max(0, result.bytes_before - result.bytes_after) / 1e6
     click.echo(
         f"pruned {len(result.runs)} run(s), {result.rows} request rows; the state database "
         f"went from {result.bytes_before / 1e6:.1f} MB to {result.bytes_after / 1e6:.1f} MB "

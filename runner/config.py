@@ -42,7 +42,7 @@ class JobSection(_Section):
     output: FilePath
     state: FilePath | None = None
     default_tenant: str | None = None
-    run_id: Annotated[str, Field(min_length=1)] = "{job}-{datetime}"
+    run_id: Annotated[str, Field(min_length=1)] = "{job}-{input_hash}"
 
     @field_validator("output")
     @classmethod

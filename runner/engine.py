@@ -37,6 +37,7 @@ from runner.config import Job
 from runner.errors import RateLimited, RequestRejected, Retryable, TenantRefused
 from runner.ledger import Entry
 from runner.limits import TenantLimiter
+from runner.logs import log
 from runner.pricing import Price
 from runner.provider import ProviderClient
 from runner.records import Outcome, Reply, Status
@@ -141,6 +142,15 @@ class Engine:
                     self.alerts.close()
                     with anyio.move_on_after(self._settings.alert_grace_s):
                         await self.alerts.delivered()
+                    for alert in self.alerts.unsent():
+                        log.error(
+                            "budget alert webhook for tenant %r not answered within %.0fs; "
+                            "the alert is recorded in the state database: %s",
+                            alert.tenant,
+                            self._settings.alert_grace_s,
+                            alert,
+                            extra={"event": "alert_unsent", "tenant": alert.tenant},
+                        )
                     group.cancel_scope.cancel()
         finally:
             self._checkpointer.flush()

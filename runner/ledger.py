@@ -296,3 +296,13 @@ def topups(conn: sqlite3.Connection, tenant: str, month: str) -> list[tuple[str,
         " AND substr(period, 1, 7) = ? ORDER BY at",
         (tenant, month),
     ).fetchall()
+
+
+def latest_period(conn: sqlite3.Connection, tenant: str) -> str | None:
+    """The period a run most recently applied a cap for, for this tenant."""
+    row = conn.execute(
+        "SELECT period FROM balances WHERE tenant = ? AND cap_micros IS NOT NULL"
+        " ORDER BY rowid DESC LIMIT 1",
+        (tenant,),
+    ).fetchone()
+    return None if row is None else str(row[0])

@@ -48,12 +48,15 @@ class ReportRow:
     spend_micros: int
     budget_micros: int | None
     unknown_cost: int
+    held_micros: int  # worst case held for the responses of unknown cost
 
     @property
     def percent_used(self) -> float | None:
+        """Of the budget, as the budget guard counts it: spend plus what answers
+        without usage hold."""
         if not self.budget_micros:
             return None
-        return round(self.spend_micros * 100 / self.budget_micros, 2)
+        return round((self.spend_micros + self.held_micros) * 100 / self.budget_micros, 2)
 
     @property
     def cost_per_million_micros(self) -> int | None:
@@ -74,6 +77,7 @@ def month_report(store: Store, month: str) -> list[ReportRow]:
             t.charged_micros,
             None if t.cap_micros is None else t.cap_micros + t.topup_micros,
             t.unknown_cost,
+            t.held_micros,
         )
         for t in store.read_ledger(lambda conn: ledger.month_summary(conn, check_month(month)))
     ]
@@ -87,6 +91,7 @@ def month_report(store: Store, month: str) -> list[ReportRow]:
         sum(row.spend_micros for row in rows),
         sum(budgets) if budgets else None,
         sum(row.unknown_cost for row in rows),
+        sum(row.held_micros for row in rows),
     )
     return [*rows, total]
 
@@ -129,12 +134,24 @@ def topup(
         raise ConfigError(f"top-up amount {amount_usd!r}: must be more than zero")
     if not reason.strip():
         raise ConfigError("a top-up needs a --reason")
-    period = period or current_month()
+    period = period or current_period(store, tenant)
     if not _PERIOD.match(period):
         raise ConfigError(f"--period {period!r}: expected YYYY-MM, YYYY-MM-DD or 'total'")
     entry = Entry(tenant, period, Kind.TOPUP, micros, reason=reason.strip())
     store.add_entries([entry])
     return entry
+
+
+def current_period(store: Store, tenant: str) -> str:
+    """The tenant's budget period now, in the form its runs used (day, month or
+    total); a month for a tenant this database has no budget for yet."""
+    latest = store.read_ledger(lambda conn: ledger.latest_period(conn, tenant))
+    now = datetime.now(UTC)
+    if latest == "total":
+        return "total"
+    if latest is not None and len(latest) == len("2026-12-03"):
+        return now.strftime("%Y-%m-%d")
+    return now.strftime("%Y-%m")
 
 
 @dataclass(slots=True)
@@ -206,6 +223,7 @@ def as_dicts(rows: list[ReportRow]) -> list[dict[str, object]]:
             if row.cost_per_million_micros is None
             else usd(row.cost_per_million_micros),
             "unknown_cost": row.unknown_cost,
+            "unknown_cost_held_usd": usd(row.held_micros),
         }
         for row in rows
     ]

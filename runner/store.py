@@ -281,8 +281,10 @@ class Store:
             )
 
     def delete_run(self, run_id: str) -> None:
-        """Forget a run that never sent anything (a refused or restarted submit)."""
+        """Forget a run's rows (a refused, half-registered or restarted submit);
+        budget its rows still held is released, what it spent stays in the ledger."""
         with self._write():
+            self._release_reservations(run_id)
             for table in ("requests", "attempts", "carried", "run_summaries", "run_inputs", "runs"):
                 self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
 
@@ -380,21 +382,7 @@ class Store:
         `deferred` rows (and `failed` ones, if asked) get another chance.
         Returns how many rows were in flight."""
         with self._write():
-            held = self.db.execute(
-                "SELECT seq, tenant, model, reserved_period, reserved_micros FROM requests"
-                " WHERE run_id = ? AND reserved_micros IS NOT NULL",
-                [run_id],
-            ).fetchall()
-            releases = [
-                Entry(tenant, period, Kind.RELEASE, micros, model, run_id, seq)
-                for seq, tenant, model, period, micros in held
-            ]
-            ledger.record(self.db.conn, releases, utc_now())
-            self.db.execute(
-                "UPDATE requests SET reserved_micros = NULL, reserved_period = NULL"
-                " WHERE run_id = ? AND reserved_micros IS NOT NULL",
-                [run_id],
-            )
+            self._release_reservations(run_id)
             in_flight = self.db.execute(
                 "UPDATE requests SET status = 'pending', resends = resends + 1"
                 " WHERE run_id = ? AND status = 'sent'",
@@ -418,6 +406,42 @@ class Store:
             [tenant, now - within_s],
         ).fetchall()
         return [(now - sent_at, cost) for sent_at, cost in rows]
+
+    def _release_reservations(self, run_id: str) -> None:
+        """Release what the run's rows still hold (call inside a transaction)."""
+        held = self.db.execute(
+            "SELECT seq, tenant, model, reserved_period, reserved_micros FROM requests"
+            " WHERE run_id = ? AND reserved_micros IS NOT NULL",
+            [run_id],
+        ).fetchall()
+        releases = [
+            Entry(tenant, period, Kind.RELEASE, micros, model, run_id, seq)
+            for seq, tenant, model, period, micros in held
+        ]
+        ledger.record(self.db.conn, releases, utc_now())
+        self.db.execute(
+            "UPDATE requests SET reserved_micros = NULL, reserved_period = NULL"
+            " WHERE run_id = ? AND reserved_micros IS NOT NULL",
+            [run_id],
+        )
+
+    def open_tenants(self, run_id: str) -> set[str]:
+        """Tenants with rows the run may still send (pending, sent, deferred, failed)."""
+        rows = self.db.execute(
+            "SELECT DISTINCT tenant FROM requests WHERE run_id = ?"
+            " AND status IN ('pending', 'sent', 'deferred', 'failed')",
+            [run_id],
+        ).fetchall()
+        return {tenant for (tenant,) in rows}
+
+    def unfinished_runs(self, job_name: str) -> list[str]:
+        """Runs of the job that stopped before their end (oldest first)."""
+        rows = self.db.execute(
+            "SELECT run_id FROM runs WHERE job_name = ?"
+            " AND phase IN ('ready', 'running', 'interrupted') ORDER BY created_at",
+            [job_name],
+        ).fetchall()
+        return [run_id for (run_id,) in rows]
 
     def lane_tenants(self, run_id: str) -> dict[str, int]:
         """Tenants with rows to send, and the largest TPM cost among their rows."""

@@ -3,6 +3,7 @@ missing usage, alerts and their webhook, reports that add up."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,10 @@ pytestmark = pytest.mark.anyio
 TENANTS = [f"t{n}" for n in range(10)]
 PRICE = '[prices."deepseek-v3.2"]\ninput = 0.28\ncached_input = 0.028\noutput = 0.42\n'
 FAST = EngineSettings(alert_grace_s=2.0)
-KEYS = {f"{tenant.upper()}_API_KEY": f"sk-{tenant}" for tenant in [*TENANTS, "acme", "globex"]}
+KEYS = {
+    f"{tenant.upper()}_API_KEY": f"sk-{tenant}"
+    for tenant in [*TENANTS, "acme", "globex", "aaa", "live"]
+}
 
 
 def write_input(tmp_path: Path, rows_per_tenant: int, tenants: list[str]) -> Path:
@@ -151,6 +155,7 @@ async def test_a_response_without_usage_holds_its_worst_case_and_is_reported(
     assert held == sum(-(-(p * price[0] + m * price[1]) // 1_000_000) for p, m in requests) > 0
     (row,) = [r for r in reports.month_report(store, period) if r.tenant == "acme"]
     assert row.unknown_cost == 4 and row.spend_micros == 0
+    assert row.held_micros == held and row.percent_used == round(held * 100 / 1_000_000, 2)
 
 
 class Webhook:
@@ -214,3 +219,52 @@ async def test_alerts_fire_once_per_threshold_and_post_to_the_webhook(
     assert all(p["spent_usd"] >= p["threshold_percent"] / 100 * 0.0006 for p in hook.received)
     assert "globex" in by_tenant  # its webhook refused connections; the run went on
     assert "budget alert webhook for tenant 'globex' failed" in caplog.text
+
+
+async def test_a_webhook_that_never_answers_holds_up_no_other_tenants_alert(
+    tmp_path: Path, write_job: JobWriter, caplog: pytest.LogCaptureFixture
+) -> None:
+    hook = Webhook()
+    app = web.Application()
+    app.router.add_post("/hook", hook.handle)
+    live = web.AppRunner(app)
+    await live.setup()
+    await web.TCPSite(live, "127.0.0.1", 0).start()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(60)  # accepts, reads nothing, never answers
+
+    hanging = await asyncio.start_server(silent, "127.0.0.1", 0)
+    hang_port = hanging.sockets[0].getsockname()[1]
+    tenants = {
+        "aaa": {
+            "rpm": 6000,
+            "tpm": 1_000_000,
+            "monthly_budget_usd": 0.0001,
+            "alert_thresholds": [10],
+            "alert_webhook": f"http://127.0.0.1:{hang_port}/x",
+        },
+        "live": {
+            "rpm": 6000,
+            "tpm": 1_000_000,
+            "monthly_budget_usd": 0.0001,
+            "alert_thresholds": [10],
+            "alert_webhook": f"http://127.0.0.1:{live.addresses[0][1]}/hook",
+        },
+    }
+    try:
+        async with running_simulator() as sim:
+            job = write_job(
+                write_input(tmp_path, 3, ["aaa", "live"]),
+                tenants=tenants,
+                base_url=sim.base_url,
+                job="",
+            )
+            await run_job_async(
+                job, run_id="r", environ=KEYS, settings=EngineSettings(alert_grace_s=2.0)
+            )
+    finally:
+        hanging.close()
+        await live.cleanup()
+    assert [(p["tenant"], p["threshold_percent"]) for p in hook.received] == [("live", 10)]
+    assert "budget alert webhook for tenant 'aaa' not answered within 2s" in caplog.text

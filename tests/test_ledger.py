@@ -143,3 +143,11 @@ def test_a_day_budget_starts_afresh_the_next_day(tmp_path: Path) -> None:
     cost, entries = guard.settle(first, seq=0, model="m", usage=None, worst_micros=500)
     assert cost is None and [e.kind for e in entries] == [Kind.RELEASE, Kind.HOLD]
     assert {e.period for e in entries} == {"2026-12-03"}  # settled in its reservation's period
+
+
+def test_deleting_a_run_releases_what_its_rows_still_held(tmp_path: Path) -> None:
+    store = new_store(tmp_path / "state.db", 2)
+    entry = Entry("acme", "2026-12", Kind.RESERVE, 300, "m", "r", 0)
+    store.checkpoint("r", sends=[SendMark(0, reservation=entry, cap_micros=CAP), SendMark(0, 1)])
+    store.delete_run("r")  # submit --restart
+    assert store.balance("acme", "2026-12").reserved_micros == 0

@@ -43,19 +43,29 @@ def candidates(pattern: Path) -> list[Path]:
 
 
 def settled(paths: Iterable[Path], settle_s: float) -> tuple[list[Path], list[Path]]:
-    """(files that stood still for `settle_s`, files still changing)."""
+    """(files that stood still for `settle_s`, files still changing or gone)."""
     paths = list(paths)
 
-    def snapshot() -> list[tuple[int, int]]:
-        return [(path.stat().st_size, path.stat().st_mtime_ns) for path in paths]
+    def snapshot() -> list[tuple[int, int] | None]:
+        return [_signature(path) for path in paths]
 
     before = snapshot()
     if paths and settle_s > 0:
         time.sleep(settle_s)
     after = snapshot()
-    ready = [path for path, a, b in zip(paths, before, after, strict=True) if a == b]
-    busy = [path for path, a, b in zip(paths, before, after, strict=True) if a != b]
+    ready: list[Path] = []
+    busy: list[Path] = []
+    for path, first, second in zip(paths, before, after, strict=True):
+        (ready if first is not None and first == second else busy).append(path)
     return ready, busy
+
+
+def _signature(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:  # moved away meanwhile
+        return None
+    return stat.st_size, stat.st_mtime_ns
 
 
 def combined_hash(hashes: Iterable[tuple[Path, str]]) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -119,6 +122,10 @@ def test_money_commands_from_the_command_line(tmp_path: Path, write_job: JobWrit
     assert invoice["tenant"] == "acme" and invoice["total_usd"] == table["acme"]["spend_usd"]
     assert [t["reason"] for t in invoice["topups"]] == ["pilot"]
     assert "globex" not in json.dumps(invoice) and "initech" not in json.dumps(invoice)
+    invoice_csv = runner("invoice", "acme", "--format", "csv", "--state", "state.db", cwd=tmp_path)
+    items = list(csv.DictReader(io.StringIO(invoice_csv.stdout)))
+    assert [item["item"] for item in items] == ["usage", "topup", "total"]
+    assert items[1]["reason"] == "pilot" and items[2]["amount_usd"] == invoice["total_usd"]
     csv_report = runner("report", "--format", "csv", "--state", "state.db", cwd=tmp_path)
     assert csv_report.stdout.splitlines()[0].startswith("tenant,requests,prompt_tokens")
 
@@ -287,3 +294,46 @@ def test_a_folder_input_takes_each_new_settled_file_once(
     assert ids == ["e.jsonl0", "e.jsonl1"]
     runs = json.loads(runner("status", "--json", "--state", "state.db", cwd=tmp_path).stdout)
     assert [run["rows"] for run in runs] == [5, 2]
+
+
+def test_a_folder_job_that_stopped_early_continues_that_run_first(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a.jsonl").write_text(
+        "".join(json.dumps({"id": f"a{n}", "prompt": "Q?"}) + "\n" for n in range(4)),
+        encoding="utf-8",
+    )
+    job = write_job(inbox, input_section="settle_s = 0")
+    assert runner("submit", str(job), cwd=tmp_path).returncode == 0
+    with sqlite3.connect(tmp_path / "state.db") as db:  # as a kill mid-run leaves it
+        db.execute("UPDATE runs SET phase = 'interrupted'")
+        db.execute("UPDATE requests SET status = 'sent' WHERE seq >= 2")
+    again = runner("submit", str(job), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "continuing the unfinished run test-" in again.stderr
+    (run,) = json.loads(runner("status", "--json", "--state", "state.db", cwd=tmp_path).stdout)
+    assert run["phase"] == "finished"
+    assert run["tenants"][0]["by_status"]["done"] == 4 and run["tenants"][0]["resends"] == 2
+
+
+def test_continuing_a_run_without_one_of_its_tenants_is_refused(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        json.dumps({"id": "a", "prompt": "Q?", "tenant": "acme"})
+        + "\n"
+        + json.dumps({"id": "b", "prompt": "Q?", "tenant": "globex"})
+        + "\n",
+        encoding="utf-8",
+    )
+    job = write_job(source, base_url="http://127.0.0.1:9/v1")  # keys missing: rows deferred
+    assert runner("submit", str(job), "--run-id", "r", cwd=tmp_path).returncode == 3
+    fewer = write_job(source, tenants={"acme": {"rpm": 60}}, name="job.toml")
+    refused = runner("submit", str(fewer), "--run-id", "r", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "has rows to send for tenant(s) ['globex']" in refused.stderr
+    resumed = runner("resume", "r", "--state", "state.db", cwd=tmp_path)
+    assert resumed.returncode == 3  # the recorded job still has globex: no crash
