@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +16,18 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 SAMPLE_DATA = REPO / "sample_data"
 
 JobWriter = Callable[..., Path]
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`python -m runner ARGS` in a subprocess, as a user or a scheduler runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "runner", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=os.environ.copy(),
+    )
 
 
 @pytest.fixture

@@ -5,30 +5,23 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
 
 from runner.simulator import SimulatorConfig, SimulatorThread
 from runner.store import Store
-from tests.conftest import SAMPLE_DATA, JobWriter
+from tests.conftest import SAMPLE_DATA, JobWriter, run_cli
 
 
-def runner(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "runner", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=os.environ.copy(),
-    )
+def status_json(cwd: Path, *run_id: str) -> Any:
+    return json.loads(run_cli("status", *run_id, "--json", "--state", "state.db", cwd=cwd).stdout)
 
 
 def test_a_second_process_on_a_running_run_exits_4_and_sends_nothing(
@@ -51,8 +44,8 @@ def test_a_second_process_on_a_running_run_exits_4_and_sends_nothing(
         deadline = time.monotonic() + 60
         while sim.stats()["requests"] == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-        second = runner("submit", str(job), "--run-id", "night", cwd=tmp_path)
-        resume = runner("resume", "night", "--state", "state.db", cwd=tmp_path)
+        second = run_cli("submit", str(job), "--run-id", "night", cwd=tmp_path)
+        resume = run_cli("resume", "night", "--state", "state.db", cwd=tmp_path)
         _, stderr = first.communicate(timeout=120)
         seen = sim.stats()["client_request_ids"]
     assert second.returncode == 4 and resume.returncode == 4
@@ -60,7 +53,7 @@ def test_a_second_process_on_a_running_run_exits_4_and_sends_nothing(
     assert first.returncode == 0, stderr
     assert len(seen) == 160
     assert all(entry == {"received": 1, "ok": 1} for entry in seen.values())
-    again = runner("resume", "night", "--state", "state.db", cwd=tmp_path)
+    again = run_cli("resume", "night", "--state", "state.db", cwd=tmp_path)
     assert again.returncode == 0  # the lock went with the process that held it
 
 
@@ -79,11 +72,11 @@ def test_a_run_stopped_while_registering_is_refused_by_resume_and_redone_by_subm
         output_path="y.parquet",
     )
     store.close()
-    refused = runner("resume", "night", "--state", "state.db", cwd=tmp_path)
+    refused = run_cli("resume", "night", "--state", "state.db", cwd=tmp_path)
     assert refused.returncode == 2
     assert "stopped while registering its input" in refused.stderr
     assert "runner submit JOB.toml --run-id night" in refused.stderr
-    redone = runner("submit", str(job), "--run-id", "night", cwd=tmp_path)
+    redone = run_cli("submit", str(job), "--run-id", "night", cwd=tmp_path)
     assert redone.returncode == 0, redone.stderr
     assert "160" in redone.stdout
 
@@ -96,42 +89,42 @@ def test_money_commands_from_the_command_line(tmp_path: Path, write_job: JobWrit
     job = write_job(
         SAMPLE_DATA / "prompts.parquet", input_section='prompt = "turns"', tenants=tenants
     )
-    estimate = runner("estimate", str(job), "--format", "json", cwd=tmp_path)
+    estimate = run_cli("estimate", str(job), "--format", "json", cwd=tmp_path)
     assert estimate.returncode == 0, estimate.stderr
     rows = {row["tenant"]: row for row in json.loads(estimate.stdout)}
     assert rows["acme"]["rows"] == 53 and rows["acme"]["budget_left_usd"] == "0.001000"
     assert rows["acme"]["fits"] is False
     assert not (tmp_path / "state.db").exists()  # a dry run writes nothing
 
-    first = runner("submit", str(job), "--run-id", "m", cwd=tmp_path)
+    first = run_cli("submit", str(job), "--run-id", "m", cwd=tmp_path)
     assert first.returncode == 3
     assert "budget exhausted" in first.stdout
     for tenant in ("acme", "globex", "initech"):
-        topped = runner(
+        topped = run_cli(
             "topup", tenant, "0.05", "--reason", "pilot", "--state", "state.db", cwd=tmp_path
         )
         assert topped.returncode == 0, topped.stderr
-    second = runner("resume", "m", "--state", "state.db", cwd=tmp_path)
+    second = run_cli("resume", "m", "--state", "state.db", cwd=tmp_path)
     assert second.returncode == 0, second.stderr
 
-    report = runner("report", "--format", "json", "--state", "state.db", cwd=tmp_path)
+    report = run_cli("report", "--format", "json", "--state", "state.db", cwd=tmp_path)
     table = {row["tenant"]: row for row in json.loads(report.stdout)}
     assert table["TOTAL"]["requests"] == 160
     assert table["acme"]["budget_usd"] == "0.051000"
-    invoice = json.loads(runner("invoice", "acme", "--state", "state.db", cwd=tmp_path).stdout)
+    invoice = json.loads(run_cli("invoice", "acme", "--state", "state.db", cwd=tmp_path).stdout)
     assert invoice["tenant"] == "acme" and invoice["total_usd"] == table["acme"]["spend_usd"]
     assert [t["reason"] for t in invoice["topups"]] == ["pilot"]
     assert "globex" not in json.dumps(invoice) and "initech" not in json.dumps(invoice)
-    invoice_csv = runner("invoice", "acme", "--format", "csv", "--state", "state.db", cwd=tmp_path)
+    invoice_csv = run_cli("invoice", "acme", "--format", "csv", "--state", "state.db", cwd=tmp_path)
     items = list(csv.DictReader(io.StringIO(invoice_csv.stdout)))
     assert [item["item"] for item in items] == ["usage", "topup", "total"]
     assert items[1]["reason"] == "pilot" and items[2]["amount_usd"] == invoice["total_usd"]
-    csv_report = runner("report", "--format", "csv", "--state", "state.db", cwd=tmp_path)
+    csv_report = run_cli("report", "--format", "csv", "--state", "state.db", cwd=tmp_path)
     assert csv_report.stdout.splitlines()[0].startswith("tenant,requests,prompt_tokens")
 
-    bad = runner("topup", "acme", "0", "--reason", "x", "--state", "state.db", cwd=tmp_path)
+    bad = run_cli("topup", "acme", "0", "--reason", "x", "--state", "state.db", cwd=tmp_path)
     assert bad.returncode == 2 and "must be more than zero" in bad.stderr
-    bad_period = runner("report", "--period", "2026-13", "--state", "state.db", cwd=tmp_path)
+    bad_period = run_cli("report", "--period", "2026-13", "--state", "state.db", cwd=tmp_path)
     assert bad_period.returncode == 2 and "expected a month as YYYY-MM" in bad_period.stderr
 
 
@@ -144,27 +137,25 @@ def test_a_nightly_template_continues_the_nights_run_and_refuses_a_changed_input
         encoding="utf-8",
     )
     job = write_job(source)
-    first = runner("submit", str(job), "--run-id", "{job}-{date}", cwd=tmp_path)
+    first = run_cli("submit", str(job), "--run-id", "{job}-{date}", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    (run,) = json.loads(runner("status", "--json", "--state", "state.db", cwd=tmp_path).stdout)
+    (run,) = status_json(tmp_path)
     assert run["run_id"] == f"test-{time.strftime('%Y-%m-%d', time.gmtime())}"
-    again = runner("submit", str(job), "--run-id", "{job}-{date}", cwd=tmp_path)
+    again = run_cli("submit", str(job), "--run-id", "{job}-{date}", cwd=tmp_path)
     assert again.returncode == 0
-    assert (
-        len(json.loads(runner("status", "--json", "--state", "state.db", cwd=tmp_path).stdout)) == 1
-    )
+    assert len(status_json(tmp_path)) == 1
 
     with source.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps({"id": "late", "prompt": "one more"}) + "\n")
-    changed = runner("submit", str(job), "--run-id", "{job}-{date}", cwd=tmp_path)
+    changed = run_cli("submit", str(job), "--run-id", "{job}-{date}", cwd=tmp_path)
     assert changed.returncode == 2
     assert "changed since the run was registered; submit with --restart" in changed.stderr
-    restarted = runner("submit", str(job), "--run-id", "{job}-{date}", "--restart", cwd=tmp_path)
+    restarted = run_cli("submit", str(job), "--run-id", "{job}-{date}", "--restart", cwd=tmp_path)
     assert restarted.returncode == 0
-    (run,) = json.loads(runner("status", "--json", "--state", "state.db", cwd=tmp_path).stdout)
+    (run,) = status_json(tmp_path)
     assert run["rows"] == 6
 
-    bad = runner("submit", str(job), "--run-id", "{job}-{nightly}", cwd=tmp_path)
+    bad = run_cli("submit", str(job), "--run-id", "{job}-{nightly}", cwd=tmp_path)
     assert bad.returncode == 2 and "use {job}, {date}, {datetime}, {input_hash}" in bad.stderr
 
 
@@ -193,7 +184,7 @@ def test_json_logs_and_result_for_log_shippers(tmp_path: Path, write_job: JobWri
     events = [json.loads(line) for line in done.stderr.splitlines()]
     assert {event["event"] for event in events} == {"progress"}
     assert all(event["run_id"] == "j" and "tenant" in event for event in events)
-    status = json.loads(runner("status", "j", "--json", "--state", "state.db", cwd=tmp_path).stdout)
+    status = status_json(tmp_path, "j")
     assert sum(t["by_status"]["done"] for t in status[0]["tenants"]) == 160
 
     refused = subprocess.run(
@@ -225,29 +216,26 @@ def test_prune_drops_old_rows_keeps_summaries_and_the_ledger(
     tmp_path: Path, write_job: JobWriter
 ) -> None:
     job = write_job(SAMPLE_DATA / "prompts.parquet", input_section='prompt = "turns"')
-    assert runner("submit", str(job), "--run-id", "old", cwd=tmp_path).returncode == 0
-    before = json.loads(
-        runner("status", "old", "--json", "--state", "state.db", cwd=tmp_path).stdout
-    )
-    report_before = runner("report", "--format", "json", "--state", "state.db", cwd=tmp_path).stdout
+    assert run_cli("submit", str(job), "--run-id", "old", cwd=tmp_path).returncode == 0
+    before = status_json(tmp_path, "old")
+    report = ("report", "--format", "json", "--state", "state.db")
+    report_before = run_cli(*report, cwd=tmp_path).stdout
 
-    kept = runner("prune", "--older-than", "1d", "--state", "state.db", cwd=tmp_path)
+    kept = run_cli("prune", "--older-than", "1d", "--state", "state.db", cwd=tmp_path)
     assert kept.returncode == 0 and "pruned 0 run(s), 0 request rows" in kept.stdout
     time.sleep(0.05)
-    pruned = runner("prune", "--older-than", "0s", "--state", "state.db", cwd=tmp_path)
+    pruned = run_cli("prune", "--older-than", "0s", "--state", "state.db", cwd=tmp_path)
     assert pruned.returncode == 0, pruned.stderr
     assert "pruned 1 run(s), 160 request rows" in pruned.stdout and "  old" in pruned.stdout
 
-    after = json.loads(
-        runner("status", "old", "--json", "--state", "state.db", cwd=tmp_path).stdout
-    )
+    after = status_json(tmp_path, "old")
     assert after[0]["phase"] == "pruned"
     assert after[0]["tenants"] == before[0]["tenants"]
-    report_after = runner("report", "--format", "json", "--state", "state.db", cwd=tmp_path).stdout
+    report_after = run_cli(*report, cwd=tmp_path).stdout
     assert report_after == report_before
-    resumed = runner("resume", "old", "--state", "state.db", cwd=tmp_path)
+    resumed = run_cli("resume", "old", "--state", "state.db", cwd=tmp_path)
     assert resumed.returncode == 2 and "was pruned" in resumed.stderr
-    bad = runner("prune", "--older-than", "soon", "--state", "state.db", cwd=tmp_path)
+    bad = run_cli("prune", "--older-than", "soon", "--state", "state.db", cwd=tmp_path)
     assert bad.returncode == 2 and "expected a number and s, m, h, d or w" in bad.stderr
 
 
@@ -266,12 +254,12 @@ def test_a_folder_input_takes_each_new_settled_file_once(
     drop("c.jsonl.part", range(9))  # still being uploaded
     drop(".d.jsonl", range(9))  # hidden
     job = write_job(inbox, input_section="settle_s = 0.2")
-    first = runner("submit", str(job), "--run-id", "{job}-{input_hash}", cwd=tmp_path)
+    first = run_cli("submit", str(job), "--run-id", "{job}-{input_hash}", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     ids = pq.read_table(tmp_path / "out" / "result.parquet").column("id").to_pylist()
     assert ids == ["a.jsonl0", "a.jsonl1", "a.jsonl2", "b.jsonl0", "b.jsonl1"]
 
-    nothing = runner("submit", str(job), "--run-id", "{job}-{input_hash}", cwd=tmp_path)
+    nothing = run_cli("submit", str(job), "--run-id", "{job}-{input_hash}", cwd=tmp_path)
     assert nothing.returncode == 0
     assert "no new input files for job 'test'" in nothing.stderr
 
@@ -286,13 +274,13 @@ def test_a_folder_input_takes_each_new_settled_file_once(
             f' open({str(growing)!r},\'a\').write(\'{{"id": "f%d", "prompt": "Q"}}\\n\' % n)',
         ],
     )
-    third = runner("submit", str(job), "--run-id", "{job}-{input_hash}", cwd=tmp_path)
+    third = run_cli("submit", str(job), "--run-id", "{job}-{input_hash}", cwd=tmp_path)
     writer.wait()
     assert third.returncode == 0, third.stderr
     assert f"skipping {growing}: it is still being written" in third.stderr
     ids = pq.read_table(tmp_path / "out" / "result.parquet").column("id").to_pylist()
     assert ids == ["e.jsonl0", "e.jsonl1"]
-    runs = json.loads(runner("status", "--json", "--state", "state.db", cwd=tmp_path).stdout)
+    runs = status_json(tmp_path)
     assert [run["rows"] for run in runs] == [5, 2]
 
 
@@ -306,14 +294,14 @@ def test_a_folder_job_that_stopped_early_continues_that_run_first(
         encoding="utf-8",
     )
     job = write_job(inbox, input_section="settle_s = 0")
-    assert runner("submit", str(job), cwd=tmp_path).returncode == 0
+    assert run_cli("submit", str(job), cwd=tmp_path).returncode == 0
     with sqlite3.connect(tmp_path / "state.db") as db:  # as a kill mid-run leaves it
         db.execute("UPDATE runs SET phase = 'interrupted'")
         db.execute("UPDATE requests SET status = 'sent' WHERE seq >= 2")
-    again = runner("submit", str(job), cwd=tmp_path)
+    again = run_cli("submit", str(job), cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "continuing the unfinished run test-" in again.stderr
-    (run,) = json.loads(runner("status", "--json", "--state", "state.db", cwd=tmp_path).stdout)
+    (run,) = status_json(tmp_path)
     assert run["phase"] == "finished"
     assert run["tenants"][0]["by_status"]["done"] == 4 and run["tenants"][0]["resends"] == 2
 
@@ -330,10 +318,10 @@ def test_continuing_a_run_without_one_of_its_tenants_is_refused(
         encoding="utf-8",
     )
     job = write_job(source, base_url="http://127.0.0.1:9/v1")  # keys missing: rows deferred
-    assert runner("submit", str(job), "--run-id", "r", cwd=tmp_path).returncode == 3
+    assert run_cli("submit", str(job), "--run-id", "r", cwd=tmp_path).returncode == 3
     fewer = write_job(source, tenants={"acme": {"rpm": 60}}, name="job.toml")
-    refused = runner("submit", str(fewer), "--run-id", "r", cwd=tmp_path)
+    refused = run_cli("submit", str(fewer), "--run-id", "r", cwd=tmp_path)
     assert refused.returncode == 2
     assert "has rows to send for tenant(s) ['globex']" in refused.stderr
-    resumed = runner("resume", "r", "--state", "state.db", cwd=tmp_path)
+    resumed = run_cli("resume", "r", "--state", "state.db", cwd=tmp_path)
     assert resumed.returncode == 3  # the recorded job still has globex: no crash

@@ -3,32 +3,18 @@ and each request carries only its own tenant's key."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from runner.simulator import SimulatorConfig, SimulatorThread
-from tests.conftest import SAMPLE_DATA, JobWriter
+from tests.conftest import SAMPLE_DATA, JobWriter, run_cli
 
 KEYS = {
     "acme": "sk-SECRET-acme-7f3a9c1e5b",
     "globex": "sk-SECRET-globex-2d8e4f6a0c",
     "initech": "sk-SECRET-initech-9b1d3f5e7a",
 }
-
-
-def runner(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "runner", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=os.environ.copy(),
-    )
 
 
 def test_no_key_reaches_files_logs_reports_or_another_tenants_requests(
@@ -63,7 +49,7 @@ def test_no_key_reaches_files_logs_reports_or_another_tenants_requests(
             ("invoice", "acme", "--state", "state.db"),
             ("estimate", str(job)),
         ):
-            outputs.append(runner(*args, cwd=tmp_path))
+            outputs.append(run_cli(*args, cwd=tmp_path))
         stats = sim.stats()
     assert outputs[0].returncode == 3  # initech's rows were deferred
     assert stats["tenant_mismatch"] == 0  # every request carried its own tenant's key
