@@ -11,11 +11,26 @@ from pathlib import Path
 
 import pytest
 
+from runner.store import Store
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 SAMPLE_DATA = REPO / "sample_data"
 
 JobWriter = Callable[..., Path]
+
+
+def new_run(store: Store, run_id: str = "r", *, job_name: str = "j") -> None:
+    """A bare run in phase `registering`, for tests that fill the store by hand."""
+    store.create_run(
+        run_id,
+        job_name=job_name,
+        job_json="{}",
+        input_path="in.jsonl",
+        input_format="jsonl",
+        input_hash="h",
+        output_path="out.parquet",
+    )
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

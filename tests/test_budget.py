@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -163,50 +165,52 @@ class Webhook:
 
     def __init__(self) -> None:
         self.received: list[dict[str, Any]] = []
+        self.url = ""
 
     async def handle(self, request: web.Request) -> web.Response:
         self.received.append(await request.json())
         return web.Response(status=204)
 
 
+@asynccontextmanager
+async def serving(hook: Webhook) -> AsyncIterator[Webhook]:
+    app = web.Application()
+    app.router.add_post("/hook", hook.handle)
+    server = web.AppRunner(app)
+    await server.setup()
+    await web.TCPSite(server, "127.0.0.1", 0).start()
+    hook.url = f"http://127.0.0.1:{server.addresses[0][1]}/hook"
+    try:
+        yield hook
+    finally:
+        await server.cleanup()
+
+
 async def test_alerts_fire_once_per_threshold_and_post_to_the_webhook(
     tmp_path: Path, write_job: JobWriter, caplog: pytest.LogCaptureFixture
 ) -> None:
-    hook = Webhook()
-    app = web.Application()
-    app.router.add_post("/hook", hook.handle)
-    runner_ = web.AppRunner(app)
-    await runner_.setup()
-    site = web.TCPSite(runner_, "127.0.0.1", 0)
-    await site.start()
-    port = runner_.addresses[0][1]
-    tenants = {
-        "acme": {
-            "rpm": 6000,
-            "tpm": 1_000_000,
-            "monthly_budget_usd": 0.0006,
-            "alert_thresholds": [10, 50, 99],
-            "alert_webhook": f"http://127.0.0.1:{port}/hook",
-        },
-        "globex": {
-            "rpm": 6000,
-            "tpm": 1_000_000,
-            "monthly_budget_usd": 0.0003,
-            "alert_webhook": "http://127.0.0.1:9/refused",
-        },
-    }
-    try:
-        async with running_simulator() as sim:
-            job = write_job(
-                write_input(tmp_path, 10, ["acme", "globex"]),
-                tenants=tenants,
-                base_url=sim.base_url,
-            )
-            settings = EngineSettings(alert_grace_s=10.0)
-            await run_job_async(job, run_id="one", settings=settings, environ=KEYS)
-            await run_job_async(job, run_id="two", settings=settings, environ=KEYS)
-    finally:
-        await runner_.cleanup()
+    async with serving(Webhook()) as hook, running_simulator() as sim:
+        tenants = {
+            "acme": {
+                "rpm": 6000,
+                "tpm": 1_000_000,
+                "monthly_budget_usd": 0.0006,
+                "alert_thresholds": [10, 50, 99],
+                "alert_webhook": hook.url,
+            },
+            "globex": {
+                "rpm": 6000,
+                "tpm": 1_000_000,
+                "monthly_budget_usd": 0.0003,
+                "alert_webhook": "http://127.0.0.1:9/refused",
+            },
+        }
+        job = write_job(
+            write_input(tmp_path, 10, ["acme", "globex"]), tenants=tenants, base_url=sim.base_url
+        )
+        settings = EngineSettings(alert_grace_s=10.0)
+        await run_job_async(job, run_id="one", settings=settings, environ=KEYS)
+        await run_job_async(job, run_id="two", settings=settings, environ=KEYS)
     store = Store(tmp_path / "state.db")
     fired = store.db.execute("SELECT tenant, threshold FROM alerts ORDER BY tenant, threshold")
     by_tenant: dict[str, list[int]] = {}
@@ -224,36 +228,29 @@ async def test_alerts_fire_once_per_threshold_and_post_to_the_webhook(
 async def test_a_webhook_that_never_answers_holds_up_no_other_tenants_alert(
     tmp_path: Path, write_job: JobWriter, caplog: pytest.LogCaptureFixture
 ) -> None:
-    hook = Webhook()
-    app = web.Application()
-    app.router.add_post("/hook", hook.handle)
-    live = web.AppRunner(app)
-    await live.setup()
-    await web.TCPSite(live, "127.0.0.1", 0).start()
-
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await asyncio.sleep(60)  # accepts, reads nothing, never answers
 
     hanging = await asyncio.start_server(silent, "127.0.0.1", 0)
     hang_port = hanging.sockets[0].getsockname()[1]
-    tenants = {
-        "aaa": {
-            "rpm": 6000,
-            "tpm": 1_000_000,
-            "monthly_budget_usd": 0.0001,
-            "alert_thresholds": [10],
-            "alert_webhook": f"http://127.0.0.1:{hang_port}/x",
-        },
-        "live": {
-            "rpm": 6000,
-            "tpm": 1_000_000,
-            "monthly_budget_usd": 0.0001,
-            "alert_thresholds": [10],
-            "alert_webhook": f"http://127.0.0.1:{live.addresses[0][1]}/hook",
-        },
-    }
     try:
-        async with running_simulator() as sim:
+        async with serving(Webhook()) as hook, running_simulator() as sim:
+            tenants = {
+                "aaa": {
+                    "rpm": 6000,
+                    "tpm": 1_000_000,
+                    "monthly_budget_usd": 0.0001,
+                    "alert_thresholds": [10],
+                    "alert_webhook": f"http://127.0.0.1:{hang_port}/x",
+                },
+                "live": {
+                    "rpm": 6000,
+                    "tpm": 1_000_000,
+                    "monthly_budget_usd": 0.0001,
+                    "alert_thresholds": [10],
+                    "alert_webhook": hook.url,
+                },
+            }
             job = write_job(
                 write_input(tmp_path, 3, ["aaa", "live"]),
                 tenants=tenants,
@@ -265,6 +262,5 @@ async def test_a_webhook_that_never_answers_holds_up_no_other_tenants_alert(
             )
     finally:
         hanging.close()
-        await live.cleanup()
     assert [(p["tenant"], p["threshold_percent"]) for p in hook.received] == [("live", 10)]
     assert "budget alert webhook for tenant 'aaa' not answered within 2s" in caplog.text

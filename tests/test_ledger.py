@@ -16,21 +16,14 @@ from runner.ledger import Entry, Kind, period_of
 from runner.pricing import price_from_usd
 from runner.records import Request
 from runner.store import SendMark, Store
+from tests.conftest import new_run
 
 CAP = 1_000
 
 
 def new_store(path: Path, rows: int) -> Store:
     store = Store(path)
-    store.create_run(
-        "r",
-        input_hash="h",
-        job_name="j",
-        job_json="{}",
-        input_path="in",
-        input_format="jsonl",
-        output_path="o.parquet",
-    )
+    new_run(store)
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
     requests = [Request(seq, f"id{seq}", "acme", "m", "in:1", body, 1, 1) for seq in range(rows)]
     store.register("r", requests, [], pa.record_batch({"n": list(range(rows))}), first_seq=0)

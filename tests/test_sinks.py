@@ -12,18 +12,11 @@ import pytest
 from runner.records import Outcome, Request, Status, Usage
 from runner.sinks import RESULT_SCHEMA, write_batch_jsonl, write_parquet
 from runner.store import Store
+from tests.conftest import new_run
 
 
 def register(store: Store, batches: list[pa.RecordBatch]) -> None:
-    store.create_run(
-        "r",
-        input_hash="h",
-        job_name="j",
-        job_json="{}",
-        input_path="in",
-        input_format="jsonl",
-        output_path="out.parquet",
-    )
+    new_run(store)
     seq = 0
     for batch in batches:
         requests = []

@@ -12,6 +12,7 @@ from runner.errors import StateError
 from runner.ledger import Entry, Kind
 from runner.records import Outcome, Rejection, Request, Status, Usage
 from runner.store import FailedAttempt, SendMark, Store
+from tests.conftest import new_run
 
 
 def request(seq: int, row_id: str, tenant: str = "acme") -> Request:
@@ -22,15 +23,7 @@ def request(seq: int, row_id: str, tenant: str = "acme") -> Request:
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     store = Store(tmp_path / "state.db")
-    store.create_run(
-        "r",
-        input_hash="h",
-        job_name="j",
-        job_json="{}",
-        input_path="in.jsonl",
-        input_format="jsonl",
-        output_path="out.parquet",
-    )
+    new_run(store)
     requests = [request(0, "a"), request(1, "b", "globex"), request(2, "a"), request(4, "c")]
     rejection = Rejection(3, "d", "acme", "m", "in.jsonl:4", "not valid JSON")
     carried = pa.record_batch({"n": list(range(5))})

@@ -17,7 +17,7 @@ import pytest
 
 from runner.simulator import SimulatorConfig, SimulatorThread
 from runner.store import Store
-from tests.conftest import SAMPLE_DATA, JobWriter, run_cli
+from tests.conftest import SAMPLE_DATA, JobWriter, new_run, run_cli
 
 
 def status_json(cwd: Path, *run_id: str) -> Any:
@@ -62,15 +62,7 @@ def test_a_run_stopped_while_registering_is_refused_by_resume_and_redone_by_subm
 ) -> None:
     job = write_job(SAMPLE_DATA / "prompts.parquet", input_section='prompt = "turns"')
     store = Store(tmp_path / "state.db")
-    store.create_run(
-        "night",
-        input_hash="h",
-        job_name="test",
-        job_json="{}",
-        input_path="x",
-        input_format="parquet",
-        output_path="y.parquet",
-    )
+    new_run(store, "night", job_name="test")
     store.close()
     refused = run_cli("resume", "night", "--state", "state.db", cwd=tmp_path)
     assert refused.returncode == 2
