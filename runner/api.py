@@ -126,7 +126,7 @@ async def run_job_async(
     store = Store(state_path(state, environ))
     try:
         unfinished = store.unfinished_runs(spec.job.name) if is_pattern(spec.job.input) else []
-        if run_id is None and unfinished:
+        if run_id is None and unfinished and not restart:
             # A folder or glob job that stopped early finishes that run first; its
             # files count as processed, so discovery would never come back to it.
             run_id, files, input_hash = unfinished[0], [], ""

@@ -7,6 +7,7 @@ readable. Both read `TenantProgress` snapshots; neither touches the engine.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -67,9 +68,12 @@ class ProgressDisplay:
             self._live.update(_progress_table(snapshot))
             return
         now = time.monotonic()
-        if now - self._last_print < self._interval_s:
+        complete = all(tenant.finished >= tenant.total for tenant in snapshot)
+        if complete and self._last_print == math.inf:
+            return  # the final state was printed already
+        if now - self._last_print < self._interval_s and not complete:
             return
-        self._last_print = now
+        self._last_print = math.inf if complete else now
         for tenant in snapshot:
             if self._json:
                 counts = {
