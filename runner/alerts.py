@@ -20,7 +20,7 @@ import anyio
 from runner.config import Job
 from runner.ledger import Entry, Kind
 from runner.logs import log
-from runner.pricing import micros_to_usd, usd_to_micros
+from runner.pricing import micros_to_usd
 from runner.store import Store
 
 
@@ -85,10 +85,10 @@ class Alerts:
         touched = {(e.tenant, e.period) for e in entries if e.kind in (Kind.CHARGE, Kind.HOLD)}
         for tenant, period in sorted(touched):
             config = self._job.tenants.get(tenant)
-            if config is None or config.monthly_budget_usd is None:
+            if config is None or config.cap_micros is None:
                 continue
             balance = self._store.balance(tenant, period)
-            cap = usd_to_micros(config.monthly_budget_usd) + balance.topup_micros
+            cap = config.cap_micros + balance.topup_micros
             spent = balance.spent_micros
             percent = spent * 100 / cap if cap else (math.inf if spent else 0.0)
             for threshold in sorted(config.alert_thresholds):

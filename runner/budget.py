@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from runner.config import Tenant
 from runner.errors import BudgetExhausted
 from runner.ledger import Balance, Entry, Kind, period_of
-from runner.pricing import Price, usd_to_micros
+from runner.pricing import Price
 from runner.records import Usage
 
 
@@ -43,8 +43,7 @@ class BudgetGuard:
         self._prices = prices
         self._run_id = run_id
         self._clock = clock
-        budget = config.monthly_budget_usd
-        self.cap_micros = None if budget is None else usd_to_micros(budget)
+        self.cap_micros = config.cap_micros
 
     def __repr__(self) -> str:
         return f"BudgetGuard({self.tenant!r}, cap_micros={self.cap_micros})"

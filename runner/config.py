@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from runner.errors import ConfigError
-from runner.pricing import Price, price_from_usd, shipped_prices
+from runner.pricing import Price, price_from_usd, shipped_prices, usd_to_micros
 
 BUILTIN_SIMULATOR = "builtin:simulator"
 InputFormat = Literal["auto", "parquet", "jsonl", "openai_batch"]
@@ -141,6 +141,12 @@ class Tenant(_Section):
     allowed_models: list[str] | None = None
     alert_thresholds: list[Annotated[int, Field(gt=0, le=1000)]] = [50, 80, 100]
     alert_webhook: Annotated[str, Field(pattern=r"^https?://\S+$")] | None = None
+
+    @property
+    def cap_micros(self) -> int | None:
+        """The spend cap per budget period in micro-dollars; None without a cap."""
+        budget = self.monthly_budget_usd
+        return None if budget is None else usd_to_micros(budget)
 
     @field_validator("api_key_env")
     @classmethod

@@ -57,7 +57,6 @@ class LaneProgress:
     in_flight: int
     waiting: int
     paused_for_s: float
-    refused: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +226,6 @@ class _Lane:
             stats.in_flight,
             stats.waiting,
             stats.paused_for_s,
-            self.refused,
         )
 
     async def run(self) -> None:

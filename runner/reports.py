@@ -198,13 +198,12 @@ def estimate(job: Job, store: Store | None) -> list[EstimateRow]:
 
 def _remaining(job: Job, tenant: str, store: Store | None) -> int | None:
     config = job.tenants.get(tenant)
-    if config is None or config.monthly_budget_usd is None:
+    if config is None or config.cap_micros is None:
         return None
-    cap = usd_to_micros(config.monthly_budget_usd)
     if store is None:
-        return cap
+        return config.cap_micros
     balance = store.balance(tenant, period_of(datetime.now(UTC), config.budget_period))
-    return balance.available_micros(cap)
+    return balance.available_micros(config.cap_micros)
 
 
 def as_dicts(rows: list[ReportRow]) -> list[dict[str, object]]:

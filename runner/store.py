@@ -618,14 +618,6 @@ class Store:
             yield from page
             first_seq = page[-1][0] + 1
 
-    def ledger_total(self, run_id: str) -> int:
-        """The run's charges: equal, by construction, to the sum of its rows' costs."""
-        (total,) = self.db.execute(
-            "SELECT TOTAL(amount_micros) FROM ledger WHERE run_id = ? AND kind = 'charge'",
-            [run_id],
-        ).fetchone()
-        return int(total)
-
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
         """An IMMEDIATE transaction: it takes the write lock first, so a balance it

@@ -33,6 +33,14 @@ def new_run(store: Store, run_id: str = "r", *, job_name: str = "j") -> None:
     )
 
 
+def ledger_charges(store: Store, run_id: str) -> int:
+    """The run's charges in the ledger (which must equal its rows' costs)."""
+    (total,) = store.db.execute(
+        "SELECT TOTAL(amount_micros) FROM ledger WHERE run_id = ? AND kind = 'charge'", [run_id]
+    ).fetchone()
+    return int(total)
+
+
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """`python -m runner ARGS` in a subprocess, as a user or a scheduler runs it."""
     return subprocess.run(

@@ -12,7 +12,7 @@ from runner.errors import StateError
 from runner.ledger import Entry, Kind
 from runner.records import Outcome, Rejection, Request, Status, Usage
 from runner.store import FailedAttempt, SendMark, Store
-from tests.conftest import new_run
+from tests.conftest import ledger_charges, new_run
 
 
 def request(seq: int, row_id: str, tenant: str = "acme") -> Request:
@@ -87,7 +87,7 @@ def test_a_checkpoint_commits_outcomes_failures_and_charges_together(store: Stor
     (acme,) = [counts for counts in store.counts("r") if counts.tenant == "acme"]
     assert acme.by_status == {"done": 1, "sent": 1, "pending": 1, "rejected": 1}
     assert (acme.prompt_tokens, acme.cached_tokens, acme.completion_tokens) == (8, 2, 5)
-    assert acme.cost_micros == store.ledger_total("r") == 17
+    assert acme.cost_micros == ledger_charges(store, "r") == 17
     assert store.db.execute("SELECT attempt, http_status FROM attempts").fetchall() == [(1, 503)]
 
 

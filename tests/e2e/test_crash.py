@@ -46,6 +46,29 @@ def start(job: Path, cwd: Path) -> subprocess.Popen[str]:
     )
 
 
+def kill_repeatedly(
+    job: Path, cwd: Path, rng: random.Random, *, kills: int, longest_s: float
+) -> int:
+    """Start the run `kills` times, SIGKILL it after a random 0.3..longest_s seconds,
+    check the database after each; returns how many kills landed before the end."""
+    landed = 0
+    for _ in range(kills):
+        process = start(job, cwd)
+        time.sleep(rng.uniform(0.3, longest_s))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            landed += 1
+        process.communicate(timeout=60)
+        assert integrity(cwd / "state.db") == "ok"
+    return landed
+
+
+def run_to_the_end(job: Path, cwd: Path) -> None:
+    process = start(job, cwd)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+
+
 def integrity(state: Path) -> str:
     with sqlite3.connect(state) as db:
         return str(db.execute("PRAGMA integrity_check").fetchone()[0])
@@ -85,19 +108,9 @@ def test_sigkill_at_random_moments_then_resume_loses_nothing_and_resends_only_in
             write_input(tmp_path / "in.jsonl", rows), base_url=sim.base_url, tenants=FAST_TENANTS
         )
         use_keys(monkeypatch)
-        killed = 0
-        for _ in range(kills):
-            process = start(job, tmp_path)
-            time.sleep(rng.uniform(0.3, 1.8))
-            if process.poll() is None:
-                process.send_signal(signal.SIGKILL)
-                killed += 1
-            process.communicate(timeout=60)
-            assert integrity(tmp_path / "state.db") == "ok"
+        killed = kill_repeatedly(job, tmp_path, rng, kills=kills, longest_s=1.8)
         assert killed >= kills // 2, "the kills should land mid-run"
-        process = start(job, tmp_path)
-        _, stderr = process.communicate(timeout=120)
-        assert process.returncode == 0, stderr
+        run_to_the_end(job, tmp_path)
         seen = sim.stats()["client_request_ids"]
 
     table = pq.read_table(tmp_path / "out" / "result.parquet")
@@ -172,19 +185,9 @@ def test_sigkill_under_provider_faults_and_budgets_keeps_the_money_exact(
             provider="max_attempts = 8\nbackoff_base_s = 0.01\nmax_backoff_s = 0.05",
         )
         use_keys(monkeypatch)
-        killed = 0
-        for _ in range(10):
-            process = start(job, tmp_path)
-            time.sleep(rng.uniform(0.3, 1.5))
-            if process.poll() is None:
-                process.send_signal(signal.SIGKILL)
-                killed += 1
-            process.communicate(timeout=60)
-            assert integrity(tmp_path / "state.db") == "ok"
+        killed = kill_repeatedly(job, tmp_path, rng, kills=10, longest_s=1.5)
         assert killed >= 8, "the kills should land mid-run"
-        process = start(job, tmp_path)
-        _, stderr = process.communicate(timeout=120)
-        assert process.returncode == 0, stderr
+        run_to_the_end(job, tmp_path)
         seen = sim.stats()["client_request_ids"]
     state = request_rows(tmp_path / "state.db")
     assert {status for status, *_ in state.values()} == {"done"}
