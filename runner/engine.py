@@ -1,12 +1,12 @@
 """A run: one task group, one lane per tenant, a group-committing checkpointer.
 
 Each lane owns its tenant's `TenantLimiter`, key and retry state, so a tenant
-that is rate-limited, failing or refused never slows another. Inside a lane a
-feeder pages `pending` rows from the store into a bounded stream (backpressure:
-at most `max_parallel` rows wait in memory) and `max_parallel` workers take a
-row each through: budget reservation (`budget.py`) -> limiter admission ->
-`sent` committed -> one HTTP attempt -> outcome and ledger entries queued,
-retrying as the error says:
+that is rate-limited, failing or refused never slows another. Inside a lane
+`max_parallel` workers (so never more requests in flight) take the next
+`pending` row from a queue that is refilled a page at a time from the store
+(at most `PAGE_ROWS` rows wait in memory), and take it through: budget
+reservation (`budget.py`) -> limiter admission -> `sent` committed -> one HTTP
+attempt -> outcome and ledger entries queued, retrying as the error says:
 
 - `RateLimited` (429): the whole lane pauses for the server's hint (or backoff);
 - `Retryable`: exponential backoff with jitter, up to `max_attempts`, then `failed`;
@@ -22,13 +22,13 @@ within `grace_s`, and whatever is unfinished stays `pending`/`sent` for resume.
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from runner.alerts import Alerts
 from runner.budget import BudgetGuard
@@ -175,12 +175,15 @@ class Engine:
 
 
 class _Lane:
-    """One tenant's pipeline: feeder -> bounded stream -> workers."""
+    """One tenant's pipeline: a paged queue of pending rows, `max_parallel` workers."""
 
     __slots__ = (
+        "_after_seq",
         "_engine",
+        "_in_flight",
         "_key",
         "_policy",
+        "_queue",
         "_reserved",
         "_rng",
         "_settled",
@@ -202,7 +205,6 @@ class _Lane:
         self.limiter = TenantLimiter(
             rpm=config.rpm,
             tpm=config.tpm,
-            max_parallel=config.max_parallel,
             max_request_tokens=largest,
             window_s=engine._settings.window_s,
             margin_s=engine._settings.margin_s,
@@ -216,6 +218,9 @@ class _Lane:
         self._settled = anyio.Event()  # set (and replaced) whenever one settles
         self.refused: str | None = None
         self._waits: set[anyio.CancelScope] = set()
+        self._queue: deque[PendingRequest] = deque()
+        self._after_seq: int | None = -1  # None once the store has no more pending rows
+        self._in_flight = 0
         self.finished_counts: dict[Status, int] = {}
 
     def progress(self) -> LaneProgress:
@@ -223,7 +228,7 @@ class _Lane:
         return LaneProgress(
             self.tenant,
             dict(self.finished_counts),
-            stats.in_flight,
+            self._in_flight,
             stats.waiting,
             stats.paused_for_s,
         )
@@ -233,12 +238,9 @@ class _Lane:
             self.refused = self._key  # why the tenant has no usable key
             return
         workers = self._engine._job.tenants[self.tenant].max_parallel
-        send, receive = anyio.create_memory_object_stream[PendingRequest](workers)
         async with anyio.create_task_group() as group:
-            group.start_soon(self._feed, send)
             for _ in range(workers):
-                group.start_soon(self._work, receive.clone())
-            receive.close()
+                group.start_soon(self._work)
 
     def _active(self) -> bool:
         return not (self.refused or self._engine.stopping)
@@ -268,27 +270,20 @@ class _Lane:
                 self._waits.discard(scope)
         return self._active()
 
-    async def _feed(self, send: ObjectSendStream[PendingRequest]) -> None:
-        engine = self._engine
-        after = -1
-        async with send:
-            while self._active():
-                page = engine._store.pending_page(
-                    engine._run_id, self.tenant, after_seq=after, limit=PAGE_ROWS
-                )
-                if not page:
-                    return
-                for request in page:
-                    if not self._active():
-                        return
-                    await send.send(request)
-                after = page[-1].seq
+    def _next(self) -> PendingRequest | None:
+        """The lane's next pending row, reading the store a page at a time."""
+        if not self._queue and self._after_seq is not None:
+            engine = self._engine
+            page = engine._store.pending_page(
+                engine._run_id, self.tenant, after_seq=self._after_seq, limit=PAGE_ROWS
+            )
+            self._queue.extend(page)
+            self._after_seq = page[-1].seq if page else None
+        return self._queue.popleft() if self._queue else None
 
-    async def _work(self, receive: ObjectReceiveStream[PendingRequest]) -> None:
-        async with receive:
-            async for request in receive:
-                if self._active():
-                    await self._serve(request)
+    async def _work(self) -> None:
+        while self._active() and (request := self._next()) is not None:
+            await self._serve(request)
 
     async def _serve(self, request: PendingRequest) -> None:
         """Budget, then attempts until the row has an outcome or the lane stops."""
@@ -300,13 +295,7 @@ class _Lane:
             attempt += 1
             await engine._checkpointer.mark_sent(request.seq, attempt)
             try:
-                async with self.limiter.slot():
-                    reply = await engine._client.send(
-                        request.body.encode(),
-                        tenant=self.tenant,
-                        key=self._key if isinstance(self._key, Secret) else None,
-                        request_id=f"{quote(engine._run_id, safe='')}:{request.seq}",
-                    )
+                reply = await self._send(request)
             except TenantRefused as error:
                 self._refuse(
                     f"{error} (check the key in {engine._job.key_env(self.tenant)}, or the "
@@ -332,6 +321,19 @@ class _Lane:
             self._end(request, Status.DEFERRED, attempt, self.refused, reserved)
         # On a stop the row stays pending or sent, its reservation held: resume
         # releases it and sends the row again.
+
+    async def _send(self, request: PendingRequest) -> Reply:
+        """One HTTP attempt, counted as in flight while it lasts."""
+        self._in_flight += 1
+        try:
+            return await self._engine._client.send(
+                request.body.encode(),
+                tenant=self.tenant,
+                key=self._key if isinstance(self._key, Secret) else None,
+                request_id=f"{quote(self._engine._run_id, safe='')}:{request.seq}",
+            )
+        finally:
+            self._in_flight -= 1
 
     async def _reserve(self, request: PendingRequest, worst: int) -> tuple[bool, Entry | None]:
         """Reserve the worst case against the cap: (admitted, reservation). A refusal

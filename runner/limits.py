@@ -1,4 +1,4 @@
-"""Per-tenant admission control: RPM, TPM, the concurrency cap and the lane pause.
+"""Per-tenant admission control: RPM, TPM and the lane pause.
 
 This module owns `TenantLimiter`, one per tenant lane. It decides *when* a request
 may leave; it knows nothing of budgets (`budget.py`), of retrying (`retry.py`), or of
@@ -43,7 +43,6 @@ __all__ = ["LimiterStatistics", "TenantLimiter"]
 class LimiterStatistics:
     """A snapshot of one lane's limiter, for progress displays and tests."""
 
-    in_flight: int  # concurrency slots borrowed right now
     waiting: int  # tasks inside `acquire()` (paused, paced, or queued on the lane lock)
     paused_for_s: float  # seconds until the lane's pause ends; 0.0 when not paused
     admitted_requests: int  # admissions since the limiter was made
@@ -51,19 +50,20 @@ class LimiterStatistics:
 
 
 class TenantLimiter:
-    """RPM + TPM pacing, a `max_parallel` cap and a 429 pause for one tenant's lane.
+    """RPM + TPM pacing and a 429 pause for one tenant's lane.
 
     Use as::
 
         await limiter.acquire(request.tpm_cost)   # waits for the pause, RPM and TPM
-        async with limiter.slot():                # at most max_parallel in flight
-            reply = await provider.send(request)
+        reply = await provider.send(request)
 
-    `acquire` takes no slot, so a request waiting for rate never holds one. Admissions
-    are first come, first served (a FIFO lane lock): a large request is not overtaken
-    by small ones, so it cannot starve. Admission is joint: under the lock, loop until
-    the lane is not paused and both buckets and both logs admit at the same instant,
-    then take from both buckets (no suspension: the capacity is there) and log it.
+    (The lane's `max_parallel` cap is its number of workers, so it needs no limiter.)
+    Admissions are first come, first served (a FIFO lane lock): a large request is not
+    overtaken by small ones, so it cannot starve. Admission is joint: loop until the
+    lane is not paused and both buckets and both logs admit at the same instant, then
+    take from both buckets (no suspension: the capacity is there) and log it. When
+    nobody waits and everything admits at once, that happens without the lock or any
+    suspension: the hot path of an unthrottled lane costs a few comparisons.
     Taking from one bucket while waiting on the other would charge that capacity at
     the wrong time, and the provider could see an overshoot.
 
@@ -89,7 +89,6 @@ class TenantLimiter:
         "_log_tokens",
         "_paused_until",
         "_rpm_bucket",
-        "_slots",
         "_span_s",
         "_tpm_bucket",
         "_waiting",
@@ -104,13 +103,12 @@ class TenantLimiter:
         *,
         rpm: int,
         tpm: int,
-        max_parallel: int,
         max_request_tokens: int,
         window_s: float = 60.0,
         margin_s: float = 0.5,
     ) -> None:
-        if min(rpm, tpm, max_parallel, max_request_tokens) < 1:
-            raise ValueError("rpm, tpm, max_parallel and max_request_tokens must be >= 1")
+        if min(rpm, tpm, max_request_tokens) < 1:
+            raise ValueError("rpm, tpm and max_request_tokens must be >= 1")
         if max_request_tokens > tpm:
             raise ValueError(f"max_request_tokens {max_request_tokens} exceeds tpm {tpm}")
         if not (window_s > 0 and margin_s >= 0 and math.isfinite(window_s + margin_s)):
@@ -126,7 +124,6 @@ class TenantLimiter:
         self._log: deque[tuple[float, int]] = deque()  # (admitted at, tokens)
         self._log_tokens = 0
         self._lock = anyio.Lock()
-        self._slots = anyio.CapacityLimiter(max_parallel)
         self._paused_until = -math.inf
         self._waiting = 0
         self._admitted_requests = 0
@@ -140,6 +137,10 @@ class TenantLimiter:
         """
         if not 0 <= tokens <= self.max_request_tokens:
             raise ValueError(f"tokens must be in [0, {self.max_request_tokens}], got {tokens}")
+        now = anyio.current_time()
+        if not self._lock.locked() and self._admits(now, tokens):
+            await self._take(now, tokens)
+            return  # nobody was queued before us (the lock hands over to its waiters)
         self._waiting += 1
         try:
             async with self._lock:
@@ -149,18 +150,31 @@ class TenantLimiter:
                     if ready_at > now:
                         # Exactly until then, but at least 1 us: timers may fire a hair early.
                         await anyio.sleep(max(ready_at - now, 1e-6))
-                        continue
-                    if self._rpm_bucket.has_capacity(1) and self._tpm_bucket.has_capacity(tokens):
-                        await self._rpm_bucket.acquire(1)  # these two do not suspend
-                        await self._tpm_bucket.acquire(tokens)
-                        self._log.append((now, tokens))
-                        self._log_tokens += tokens
-                        self._admitted_requests += 1
-                        self._admitted_tokens += tokens
+                    elif self._admits(now, tokens):
+                        await self._take(now, tokens)
                         return
-                    await anyio.sleep(self.poll_s)
+                    else:
+                        await anyio.sleep(self.poll_s)
         finally:
             self._waiting -= 1
+
+    def _admits(self, now: float, tokens: int) -> bool:
+        """Whether the pause, both logs and both buckets admit `tokens` now."""
+        return (
+            self._paused_until <= now
+            and self._log_ready_at(now, tokens) <= now
+            and self._rpm_bucket.has_capacity(1)
+            and self._tpm_bucket.has_capacity(tokens)
+        )
+
+    async def _take(self, now: float, tokens: int) -> None:
+        """Charge an admission that `_admits` just allowed (this never suspends)."""
+        await self._rpm_bucket.acquire(1)
+        await self._tpm_bucket.acquire(tokens)
+        self._log.append((now, tokens))
+        self._log_tokens += tokens
+        self._admitted_requests += 1
+        self._admitted_tokens += tokens
 
     def _log_ready_at(self, now: float, tokens: int) -> float:
         """Drop expired log entries; return when the log admits one more of `tokens`."""
@@ -189,14 +203,6 @@ class TenantLimiter:
                 self._log.append((now - age, tokens))
                 self._log_tokens += tokens
 
-    def slot(self) -> anyio.CapacityLimiter:
-        """The lane's `max_parallel` cap; `async with limiter.slot():` holds one slot.
-
-        Always the same `anyio.CapacityLimiter`; it lends one slot per task, so a task
-        must not nest two `slot()` blocks.
-        """
-        return self._slots
-
     def pause(self, seconds: float) -> None:
         """Admit nothing until `seconds` from now; extends, never shortens, a pause.
 
@@ -209,7 +215,6 @@ class TenantLimiter:
     def statistics(self) -> LimiterStatistics:
         """A snapshot of the limiter's state (must be called in the event loop)."""
         return LimiterStatistics(
-            in_flight=int(self._slots.borrowed_tokens),
             waiting=self._waiting,
             paused_for_s=max(0.0, self._paused_until - anyio.current_time()),
             admitted_requests=self._admitted_requests,
@@ -223,8 +228,7 @@ class TenantLimiter:
             paused = "?"
         return (
             f"<TenantLimiter rpm={self.rpm} tpm={self.tpm} "
-            f"max_parallel={int(self._slots.total_tokens)} "
-            f"in_flight={int(self._slots.borrowed_tokens)} waiting={self._waiting} "
+            f"waiting={self._waiting} "
             f"paused_for={paused} window_log={len(self._log)} req/{self._log_tokens} tok "
             f"admitted={self._admitted_requests} req/{self._admitted_tokens} tok>"
         )

@@ -85,6 +85,36 @@ async def test_every_row_is_done_once_with_its_own_tenants_key(
     assert ledger_charges(store, "r") == costs == result.cost_micros
 
 
+async def test_each_tenant_has_exactly_max_parallel_requests_in_flight_at_most(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    in_flight: dict[str, int] = {}
+    peak: dict[str, int] = {}
+
+    async def slow_echo(request: web.Request) -> web.Response:
+        tenant = request.headers["X-Tenant-ID"]
+        in_flight[tenant] = in_flight.get(tenant, 0) + 1
+        peak[tenant] = max(peak.get(tenant, 0), in_flight[tenant])
+        await asyncio.sleep(0.05)
+        in_flight[tenant] -= 1
+        return web.json_response(
+            {"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}]}
+        )
+
+    tenants = {
+        "acme": {"rpm": 60_000, "tpm": 10_000_000, "max_parallel": 3},
+        "globex": {"rpm": 60_000, "tpm": 10_000_000, "max_parallel": 7},
+    }
+    async with fake_provider(slow_echo) as url:
+        result = await run(
+            write_job(
+                write_input(tmp_path, 60, ("acme", "globex")), base_url=url, tenants=tenants
+            )
+        )
+    assert sum(result.counts.values()) == 60
+    assert peak == {"acme": 3, "globex": 7}
+
+
 async def test_the_cost_of_each_row_is_its_usage_at_the_jobs_prices(
     tmp_path: Path, write_job: JobWriter
 ) -> None:

@@ -31,14 +31,12 @@ def anyio_backend() -> tuple[str, dict[str, Callable[[], VirtualClockLoop]]]:
 def make(
     rpm: int = 600,
     tpm: int = 100_000,
-    max_parallel: int = 4,
     max_request_tokens: int = 1_000,
     **kwargs: float,
 ) -> TenantLimiter:
     return TenantLimiter(
         rpm=rpm,
         tpm=tpm,
-        max_parallel=max_parallel,
         max_request_tokens=max_request_tokens,
         **kwargs,
     )
@@ -288,50 +286,13 @@ async def test_pause_rejects_nonsense(seconds: float) -> None:
         make().pause(seconds)
 
 
-# --- concurrency cap -----------------------------------------------------------------
-
-
-async def test_slot_caps_concurrency_at_max_parallel() -> None:
-    limiter = make(max_parallel=3)
-    t0 = anyio.current_time()
-    active = peak = 0
-    seen_in_flight: list[int] = []
-
-    async def call() -> None:
-        nonlocal active, peak
-        await limiter.acquire(1)
-        async with limiter.slot():
-            active += 1
-            peak = max(peak, active)
-            await anyio.sleep(1)
-            active -= 1
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(10):
-            tg.start_soon(call)
-        await anyio.sleep(0.5)
-        seen_in_flight.append(limiter.statistics().in_flight)
-    assert peak == 3
-    assert seen_in_flight == [3]
-    assert anyio.current_time() == t0 + 4  # ceil(10 / 3) rounds of one second
-    assert limiter.statistics().in_flight == 0
-
-
-async def test_acquire_takes_no_slot() -> None:
-    limiter = make(max_parallel=1)
-    await limiter.acquire(1)
-    assert limiter.statistics().in_flight == 0
-    assert limiter.slot() is limiter.slot()
-    assert limiter.slot().total_tokens == 1
-
-
 # --- statistics, order, cancellation ---------------------------------------------------
 
 
 async def test_statistics_values() -> None:
     limiter = make(rpm=1, tpm=1_000, max_request_tokens=100)
     assert limiter.statistics() == LimiterStatistics(
-        in_flight=0, waiting=0, paused_for_s=0.0, admitted_requests=0, admitted_tokens=0
+        waiting=0, paused_for_s=0.0, admitted_requests=0, admitted_tokens=0
     )
     await limiter.acquire(40)
     async with anyio.create_task_group() as tg:
@@ -340,7 +301,7 @@ async def test_statistics_values() -> None:
         await anyio.sleep(1)
         limiter.pause(2.5)
         assert limiter.statistics() == LimiterStatistics(
-            in_flight=0, waiting=3, paused_for_s=2.5, admitted_requests=1, admitted_tokens=40
+            waiting=3, paused_for_s=2.5, admitted_requests=1, admitted_tokens=40
         )
         tg.cancel_scope.cancel()
     stats = limiter.statistics()
@@ -366,12 +327,11 @@ async def test_first_come_first_served_so_big_requests_do_not_starve() -> None:
 
 
 def test_repr_shows_live_state_even_without_a_loop() -> None:
-    limiter = make(rpm=120, tpm=5_000, max_parallel=7)
+    limiter = make(rpm=120, tpm=5_000)
     text = repr(limiter)
     assert "rpm=120" in text
     assert "tpm=5000" in text
-    assert "max_parallel=7" in text
-    assert "in_flight=0" in text
+    assert "waiting=0" in text
 
     async def main() -> str:
         await limiter.acquire(30)
@@ -392,7 +352,6 @@ def test_repr_shows_live_state_even_without_a_loop() -> None:
         ({"max_request_tokens": 2_000, "tpm": 1_000}, "exceeds tpm"),
         ({"rpm": 0}, ">= 1"),
         ({"tpm": 0, "max_request_tokens": 0}, ">= 1"),
-        ({"max_parallel": 0}, ">= 1"),
         ({"window_s": 0.0}, "window_s"),
         ({"margin_s": -0.5}, "margin_s"),
     ],
