@@ -107,9 +107,7 @@ async def test_each_tenant_has_exactly_max_parallel_requests_in_flight_at_most(
     }
     async with fake_provider(slow_echo) as url:
         result = await run(
-            write_job(
-                write_input(tmp_path, 60, ("acme", "globex")), base_url=url, tenants=tenants
-            )
+            write_job(write_input(tmp_path, 60, ("acme", "globex")), base_url=url, tenants=tenants)
         )
     assert sum(result.counts.values()) == 60
     assert peak == {"acme": 3, "globex": 7}
