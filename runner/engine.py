@@ -180,6 +180,7 @@ class _Lane:
     __slots__ = (
         "_after_seq",
         "_engine",
+        "_id_prefix",
         "_in_flight",
         "_key",
         "_policy",
@@ -221,6 +222,7 @@ class _Lane:
         self._queue: deque[PendingRequest] = deque()
         self._after_seq: int | None = -1  # None once the store has no more pending rows
         self._in_flight = 0
+        self._id_prefix = f"{quote(engine._run_id, safe='')}:"  # + seq = X-Client-Request-Id
         self.finished_counts: dict[Status, int] = {}
 
     def progress(self) -> LaneProgress:
@@ -291,7 +293,7 @@ class _Lane:
         worst = self.budget.worst_case(request.model, request.prompt_estimate, request.max_tokens)
         admitted, reserved = await self._reserve(request, worst)
         attempt = first = request.attempts  # attempts count across runs; the limit per run
-        while admitted and await self._wait(self.limiter.acquire(request.tpm_cost)):
+        while admitted and await self._admitted_to_send(request):
             attempt += 1
             await engine._checkpointer.mark_sent(request.seq, attempt)
             try:
@@ -322,6 +324,15 @@ class _Lane:
         # On a stop the row stays pending or sent, its reservation held: resume
         # releases it and sends the row again.
 
+    async def _admitted_to_send(self, request: PendingRequest) -> bool:
+        """Wait for the limiter (not at all when it admits at once); False if the
+        lane stopped or was refused first."""
+        if not self._active():
+            return False
+        return self.limiter.try_acquire(request.tpm_cost) or await self._wait(
+            self.limiter.acquire(request.tpm_cost)
+        )
+
     async def _send(self, request: PendingRequest) -> Reply:
         """One HTTP attempt, counted as in flight while it lasts."""
         self._in_flight += 1
@@ -330,7 +341,7 @@ class _Lane:
                 request.body.encode(),
                 tenant=self.tenant,
                 key=self._key if isinstance(self._key, Secret) else None,
-                request_id=f"{quote(self._engine._run_id, safe='')}:{request.seq}",
+                request_id=f"{self._id_prefix}{request.seq}",
             )
         finally:
             self._in_flight -= 1

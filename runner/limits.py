@@ -137,10 +137,8 @@ class TenantLimiter:
         """
         if not 0 <= tokens <= self.max_request_tokens:
             raise ValueError(f"tokens must be in [0, {self.max_request_tokens}], got {tokens}")
-        now = anyio.current_time()
-        if not self._lock.locked() and self._admits(now, tokens):
-            await self._take(now, tokens)
-            return  # nobody was queued before us (the lock hands over to its waiters)
+        if self.try_acquire(tokens):
+            return
         self._waiting += 1
         try:
             async with self._lock:
@@ -151,12 +149,21 @@ class TenantLimiter:
                         # Exactly until then, but at least 1 us: timers may fire a hair early.
                         await anyio.sleep(max(ready_at - now, 1e-6))
                     elif self._admits(now, tokens):
-                        await self._take(now, tokens)
+                        self._take(now, tokens)
                         return
                     else:
                         await anyio.sleep(self.poll_s)
         finally:
             self._waiting -= 1
+
+    def try_acquire(self, tokens: int) -> bool:
+        """Admit `tokens` now if nobody is queued and nothing stands in the way,
+        without suspending; False means `acquire` must wait."""
+        now = anyio.current_time()
+        if self._lock.locked() or not self._admits(now, tokens):
+            return False  # (the lock hands over to its waiters: unlocked means none)
+        self._take(now, tokens)
+        return True
 
     def _admits(self, now: float, tokens: int) -> bool:
         """Whether the pause, both logs and both buckets admit `tokens` now."""
@@ -167,10 +174,19 @@ class TenantLimiter:
             and self._tpm_bucket.has_capacity(tokens)
         )
 
-    async def _take(self, now: float, tokens: int) -> None:
-        """Charge an admission that `_admits` just allowed (this never suspends)."""
-        await self._rpm_bucket.acquire(1)
-        await self._tpm_bucket.acquire(tokens)
+    def _take(self, now: float, tokens: int) -> None:
+        """Charge an admission that `_admits` just allowed."""
+        # `AsyncLimiter.acquire` does not suspend once `has_capacity` said yes; driving
+        # its coroutine by hand charges the bucket without a trip through the loop.
+        for bucket, amount in ((self._rpm_bucket, 1), (self._tpm_bucket, tokens)):
+            charge = bucket.acquire(amount)
+            try:
+                charge.send(None)
+            except StopIteration:
+                pass
+            else:
+                charge.close()
+                raise AssertionError("the bucket refused what has_capacity admitted")
         self._log.append((now, tokens))
         self._log_tokens += tokens
         self._admitted_requests += 1

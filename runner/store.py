@@ -496,6 +496,7 @@ class Store:
                 [(run_id, f.seq, f.attempt, now, f.http_status, f.error) for f in failures],
             )
             ledger.record(conn, entries, now)
+            marked = []
             for mark in sends:
                 reservation = mark.reservation
                 if reservation is not None:
@@ -510,11 +511,12 @@ class Store:
                         (reservation.amount_micros, reservation.period, run_id, mark.seq),
                     )
                 if mark.attempt is not None:
-                    conn.execute(
-                        "UPDATE requests SET status = 'sent', attempts = ?, sent_at = ?"
-                        " WHERE run_id = ? AND seq = ?",
-                        (mark.attempt, sent_at, run_id, mark.seq),
-                    )
+                    marked.append((mark.attempt, sent_at, run_id, mark.seq))
+            conn.executemany(
+                "UPDATE requests SET status = 'sent', attempts = ?, sent_at = ?"
+                " WHERE run_id = ? AND seq = ?",
+                marked,
+            )
         return refused
 
     def balance(self, tenant: str, period: str) -> Balance:
