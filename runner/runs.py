@@ -29,7 +29,7 @@ from runner.records import Rejection, Request, Status
 from runner.secrets import resolve_keys
 from runner.simulator import SimulatorConfig, running_simulator
 from runner.sinks import write_batch_jsonl, write_parquet
-from runner.store import Store, TenantCounts
+from runner.store import Store
 from runner.validate import check_input, input_format
 
 ProgressCallback = Callable[[Sequence[TenantProgress]], None]
@@ -109,7 +109,7 @@ async def execute(
     info = store.require_run(run_id)
     requeued = store.requeue(run_id, retry_failed=retry_failed)
     store.set_phase(run_id, "running")
-    baseline = {counts.tenant: counts for counts in store.counts(run_id)}
+    baseline = store.status_counts(run_id)
     keys = resolve_keys(job, store.lane_tenants(run_id), environ)
     settings = settings or EngineSettings(keep_raw_body=info.input_format == "openai_batch")
     async with AsyncExitStack() as stack:
@@ -189,7 +189,7 @@ async def _stop_on_signals(engine: Engine, grace_s: float) -> None:
 
 async def _report(
     engine: Engine,
-    baseline: Mapping[str, TenantCounts],
+    baseline: Mapping[str, Mapping[str, int]],
     on_progress: ProgressCallback,
     interval_s: float,
 ) -> None:
@@ -198,20 +198,20 @@ async def _report(
         await anyio.sleep(interval_s)
 
 
-def _snapshot(engine: Engine, baseline: Mapping[str, TenantCounts]) -> list[TenantProgress]:
+def _snapshot(engine: Engine, baseline: Mapping[str, Mapping[str, int]]) -> list[TenantProgress]:
     """Counts from before the run plus what each lane finished since."""
     lanes = {lane.tenant: lane for lane in engine.progress()}
     snapshot = []
-    for tenant, counts in baseline.items():
+    for tenant, by_status in baseline.items():
         lane = lanes.get(tenant)
-        merged = Counter(counts.by_status)
+        merged = Counter(by_status)
         for status, count in (lane.finished if lane else {}).items():
             merged[status.value] += count
         snapshot.append(
             TenantProgress(
                 run_id=engine.run_id,
                 tenant=tenant,
-                total=counts.total,
+                total=sum(by_status.values()),
                 done=merged[Status.DONE.value],
                 failed=merged[Status.FAILED.value],
                 rejected=merged[Status.REJECTED.value],

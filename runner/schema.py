@@ -101,3 +101,26 @@ def m001_initial(db: Database) -> None:
         """
         + ledger.CREATE_TABLES
     )
+
+
+@migrations()
+def m002_indexes_for_a_million_rows(db: Database) -> None:
+    """A resume of a big run must not scan it: rows are found by status first
+    (in flight, pending), held reservations by a partial index, and each lane's
+    largest request from a per-tenant row written at registration."""
+    db.executescript(
+        """
+        DROP INDEX requests_lane;
+        CREATE INDEX requests_status ON requests(run_id, status, tenant, seq);
+        CREATE INDEX requests_reserved ON requests(run_id) WHERE reserved_micros IS NOT NULL;
+        CREATE TABLE run_tenants (        -- per tenant of a run: its largest TPM cost
+            run_id TEXT NOT NULL,
+            tenant TEXT NOT NULL,
+            largest_cost INTEGER NOT NULL,
+            PRIMARY KEY (run_id, tenant)
+        );
+        INSERT INTO run_tenants
+            SELECT run_id, tenant, MAX(prompt_estimate + max_tokens) FROM requests
+            WHERE prompt_estimate IS NOT NULL GROUP BY run_id, tenant;
+        """
+    )

@@ -274,10 +274,11 @@ class _State:
         self.by_status[str(status)] += 1
         return web.json_response(payload, status=status, headers=headers)
 
-    def snapshot(self) -> dict[str, Any]:
-        """What the server saw, as plain JSON-ready dicts keyed by key label."""
+    def snapshot(self, *, with_ids: bool = True) -> dict[str, Any]:
+        """What the server saw, as plain JSON-ready dicts keyed by key label;
+        `with_ids=False` leaves out the (large) map of client request ids."""
         per_key = self.per_key.items()
-        return {
+        snapshot = {
             **{name: self.counts[name] for name in ("requests", "dropped", "client_gone")},
             "tenant_mismatch": self.counts["tenant_mismatch"],
             "by_status": dict(self.by_status),
@@ -285,11 +286,13 @@ class _State:
             "per_tenant_header": {
                 t: {"requests": c["requests"], "ok": c["ok"]} for t, c in self.tenants.items()
             },
-            "client_request_ids": {
-                i: {"received": c["received"], "ok": c["ok"]} for i, c in self.ids.items()
-            },
             **{f: {k: getattr(s, f) for k, s in per_key} for f in _PER_LABEL},
         }
+        if with_ids:
+            snapshot["client_request_ids"] = {
+                i: {"received": c["received"], "ok": c["ok"]} for i, c in self.ids.items()
+            }
+        return snapshot
 
     def rate_limited(self, req_wait: float, tok_wait: float) -> web.Response:
         """A 429 whose hint, in the configured form, is never earlier than the window allows."""
@@ -457,7 +460,10 @@ async def _chat(request: web.Request) -> web.Response:
 
 
 async def _stats(request: web.Request) -> web.Response:
-    return web.json_response(request.app[_STATE].snapshot())
+    """GET /stats; `?brief=1` leaves out the per-request-id map, which is large
+    after a million requests and slow to serve while a client polls."""
+    brief = request.query.get("brief") == "1"
+    return web.json_response(request.app[_STATE].snapshot(with_ids=not brief))
 
 
 async def _models(request: web.Request) -> web.Response:

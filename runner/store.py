@@ -250,7 +250,7 @@ class Store:
                 removed += self.db.execute(
                     "DELETE FROM requests WHERE run_id = ?", [run_id]
                 ).rowcount
-                for table in ("attempts", "carried"):
+                for table in ("attempts", "carried", "run_tenants"):
                     self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
                 self.db.execute(
                     "UPDATE runs SET phase = 'pruned', updated_at = ? WHERE run_id = ?",
@@ -285,7 +285,15 @@ class Store:
         budget its rows still held is released, what it spent stays in the ledger."""
         with self._write():
             self._release_reservations(run_id)
-            for table in ("requests", "attempts", "carried", "run_summaries", "run_inputs", "runs"):
+            for table in (
+                "requests",
+                "attempts",
+                "carried",
+                "run_tenants",
+                "run_summaries",
+                "run_inputs",
+                "runs",
+            ):
                 self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
 
     # -- registration ---------------------------------------------------------
@@ -328,6 +336,14 @@ class Store:
                     (run_id, r.seq, r.row_id, r.tenant, r.model, r.where, r.error)
                     for r in rejections
                 ],
+            )
+            largest: dict[str, int] = {}
+            for r in requests:
+                largest[r.tenant] = max(largest.get(r.tenant, 0), r.tpm_cost)
+            self.db.conn.executemany(
+                "INSERT INTO run_tenants (run_id, tenant, largest_cost) VALUES (?, ?, ?) ON"
+                " CONFLICT DO UPDATE SET largest_cost = MAX(largest_cost, excluded.largest_cost)",
+                [(run_id, tenant, cost) for tenant, cost in largest.items()],
             )
             self.db.execute(
                 "INSERT INTO carried (run_id, first_seq, num_rows, schema, data)"
@@ -446,8 +462,9 @@ class Store:
     def lane_tenants(self, run_id: str) -> dict[str, int]:
         """Tenants with rows to send, and the largest TPM cost among their rows."""
         rows = self.db.execute(
-            "SELECT tenant, MAX(prompt_estimate + max_tokens) FROM requests"
-            " WHERE run_id = ? AND status = 'pending' GROUP BY tenant ORDER BY tenant",
+            "SELECT tenant, largest_cost FROM run_tenants AS t WHERE run_id = ? AND EXISTS"
+            " (SELECT 1 FROM requests WHERE run_id = t.run_id AND status = 'pending'"
+            " AND tenant = t.tenant) ORDER BY tenant",
             [run_id],
         ).fetchall()
         return {tenant: int(largest) for tenant, largest in rows}
@@ -552,6 +569,19 @@ class Store:
             ).rowcount
 
     # -- reading results --------------------------------------------------------
+
+    def status_counts(self, run_id: str) -> dict[str, dict[str, int]]:
+        """Rows per tenant and status: `counts` without the sums, from the index
+        alone, so cheap even for a million rows."""
+        rows = self.db.execute(
+            "SELECT tenant, status, COUNT(*) FROM requests WHERE run_id = ?"
+            " GROUP BY tenant, status",
+            [run_id],
+        ).fetchall()
+        counts: dict[str, dict[str, int]] = {}
+        for tenant, status, count in rows:
+            counts.setdefault(tenant, {})[status] = count
+        return counts
 
     def counts(self, run_id: str) -> list[TenantCounts]:
         """Per-tenant rows by status, tokens and cost (a pruned run's from its summary)."""

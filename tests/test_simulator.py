@@ -65,8 +65,9 @@ class Client:
         assert status == 200, raw
         return json.loads(raw)  # type: ignore[no-any-return]
 
-    async def stats(self) -> dict[str, Any]:
-        async with self.session.get(self.base_url.removesuffix("/v1") + "/stats") as response:
+    async def stats(self, query: str = "") -> dict[str, Any]:
+        url = self.base_url.removesuffix("/v1") + "/stats" + query
+        async with self.session.get(url) as response:
             return await response.json()  # type: ignore[no-any-return]
 
 
@@ -446,7 +447,9 @@ async def test_stats_counters_and_labels() -> None:
         await client.ok()  # no headers: no mismatch, nothing per id
         status, _, _ = await client.post(key="sk-intruder", headers={"X-Client-Request-Id": "r4"})
         stats = await client.stats()
+        brief = await client.stats("?brief=1")
     assert status == 401
+    assert brief == {k: v for k, v in stats.items() if k != "client_request_ids"}
     assert stats["requests"] == 6
     assert stats["by_status"] == {"200": 5, "401": 1}
     assert stats["tenant_mismatch"] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,24 @@ def test_mt_bench_streams_in_batches_with_continuous_positions() -> None:
     # question_id and turns are consumed; category and reference are carried
     assert batches[0].carried.schema.names == ["category", "reference"]
     assert batches[0].carried.num_rows == 16
+
+
+def test_reading_a_parquet_file_holds_one_row_group_in_memory_not_the_file(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "big.parquet"
+    rng = random.Random(7)
+    with pq.ParquetWriter(path, pa.schema([("id", pa.string()), ("prompt", pa.string())])) as out:
+        for group in range(40):  # 40 row groups of 1,000 prompts that do not compress
+            ids = [f"{group}-{i}" for i in range(1000)]
+            prompts = [rng.randbytes(500).hex() for _ in range(1000)]
+            out.write_table(pa.table({"id": ids, "prompt": prompts}))
+    peak = rows = 0
+    for batch in open_source(path, InputMapping(id="id", prompt="prompt"), batch_rows=500):
+        rows += len(batch.rows)
+        peak = max(peak, pa.total_allocated_bytes())
+    assert rows == 40_000
+    assert peak < 8_000_000  # a row group is 1 MB; the whole file would be 40
 
 
 def test_the_openai_batch_example_is_detected_and_read_as_it_is() -> None:

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from sqlite_utils import Database
 
 from runner.errors import StateError
 from runner.ledger import Entry, Kind
 from runner.records import Outcome, Rejection, Request, Status, Usage
+from runner.schema import migrations
 from runner.store import FailedAttempt, SendMark, Store
 from tests.conftest import ledger_charges, new_run
 
@@ -123,3 +125,56 @@ def test_a_file_that_is_not_sqlite_is_a_state_error(tmp_path: Path) -> None:
 def test_an_unknown_run_is_a_state_error(tmp_path: Path) -> None:
     with pytest.raises(StateError, match="no run 'nope'"):
         Store(tmp_path / "state.db").require_run("nope")
+
+
+def test_a_database_of_the_first_release_gains_the_per_tenant_costs_and_indexes(
+    tmp_path: Path,
+) -> None:
+    db = Database(tmp_path / "state.db")
+    migrations.apply(db, stop_before="m002_indexes_for_a_million_rows")
+    db.execute(
+        "INSERT INTO runs (run_id, job_name, job_json, input_path, input_format, input_hash,"
+        " output_path, phase, created_at, updated_at)"
+        " VALUES ('old', 'j', '{}', 'in', 'jsonl', 'h', 'out', 'ready', 't', 't')"
+    )
+    for seq, tenant, estimate, status in [
+        (0, "acme", 5, "done"),
+        (1, "acme", 40, "pending"),
+        (2, "globex", 7, "pending"),
+        (3, "initech", 9, "done"),
+    ]:
+        db.execute(
+            "INSERT INTO requests (run_id, seq, row_id, tenant, model, source, status,"
+            " prompt_estimate, max_tokens) VALUES ('old', ?, ?, ?, 'm', 's', ?, ?, 10)",
+            [seq, str(seq), tenant, status, estimate],
+        )
+    db.conn.commit()
+    db.close()
+    store = Store(tmp_path / "state.db")
+    assert store.lane_tenants("old") == {"acme": 50, "globex": 17}
+    indexes = {name for (name,) in store.db.execute("SELECT name FROM sqlite_master")}
+    assert {"requests_status", "requests_reserved"} <= indexes
+    assert "requests_lane" not in indexes
+
+
+def test_resuming_a_run_reads_no_finished_row(store: Store) -> None:
+    """The queries of a resume's start visit only the table rows they select by
+    status (in flight, pending, deferred), held reservation or recent send: a
+    half-done million-row run starts at once. Counting may read the index."""
+    statements: list[str] = []
+    store.db.conn.set_trace_callback(statements.append)
+    store.requeue("r", retry_failed=True)
+    store.status_counts("r")
+    store.lane_tenants("r")
+    store.pending_page("r", "acme", after_seq=-1, limit=10)
+    store.recent_sends("acme", within_s=60.5)
+    store.db.conn.set_trace_callback(None)
+    queries = [s for s in statements if s.lstrip().upper().startswith(("SELECT", "UPDATE"))]
+    assert len(queries) == 8
+    selective = ("status=?", "requests_reserved", "sent_at>?", "COVERING INDEX")
+    for query in queries:
+        plan = [row[3] for row in store.db.execute(f"EXPLAIN QUERY PLAN {query}")]
+        steps = [step for step in plan if " requests " in f" {step} "]
+        assert steps, (query, plan)
+        for step in steps:
+            assert step.startswith("SEARCH") and any(s in step for s in selective), (query, step)

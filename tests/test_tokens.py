@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runner.tokens import _any_tokens, _ascii_tokens, messages_tokens, prompt_tokens, text_tokens
+from runner.tokens import messages_tokens, prompt_tokens, text_tokens
 
 
 def test_latin_words_cost_a_quarter_of_their_letters_rounded_up_plus_punctuation() -> None:
@@ -30,6 +32,7 @@ def test_scripts_without_merges_cost_a_token_per_utf8_byte() -> None:
     assert text_tokens("\u2200x\u2208\u211d") == 1 + 3 + 3 + 3  # x, three 3-byte math symbols
     assert text_tokens("a\u00a0b") == 1 + 2 + 1  # a no-break space is 2 bytes
     assert text_tokens("Zalgo\u0301") == 2 + 2  # a combining mark costs 2
+    assert text_tokens("a\ud800") == 1 + 3  # a lone surrogate (JSON allows it) costs 3
 
 
 def test_two_byte_letters_cost_one_token_each() -> None:
@@ -72,6 +75,51 @@ def test_the_estimate_is_never_below_one_token_per_four_characters(text: str) ->
     assert text_tokens(text) * 4 >= len("".join(text.split()))
 
 
+# The rules of runner/tokens.py, written the slow and obvious way, one regex a class.
+_LETTER_RUN = re.compile(r"[A-Za-z]+")
+_DIGIT_RUN = re.compile(r"[0-9]+")
+_CASE_SWITCH = re.compile(r"[a-z](?=[A-Z])")
+_LINE_BREAKS = re.compile(r"[\r\n]+")
+_INDENT = re.compile(r"[ \t]{2,}")
+_ASCII_SPACE = re.compile(r"[\t\n\x0b\x0c\r\x1c-\x1f ]+")
+_COMBINING = re.compile("[\u0300-\u036f\u0085\u00a0]")  # +1 (two-byte spaces too)
+_THREE_BYTE_NOT_CJK = re.compile(
+    "[\u0800-\u2fff\u3000\ua000-\uabff\ud7b0-\uf8ff\ufb00-\ufeff\ufff0-\uffff]"
+)  # +2 (the ideographic space included)
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")  # +3
+
+
+def reference_tokens(text: str) -> int:
+    words = sum((len(run) + 3) >> 2 for run in _LETTER_RUN.findall(text))
+    words += len(_CASE_SWITCH.findall(text))
+    digits = sum((len(run) + 2) // 3 for run in _DIGIT_RUN.findall(text))
+    rest = _DIGIT_RUN.sub(" ", _LETTER_RUN.sub(" ", text))
+    line_breaks = len(_LINE_BREAKS.findall(rest))
+    indents = sum((len(run) + 15) // 16 for run in _INDENT.findall(text))
+    visible = len(_ASCII_SPACE.sub("", rest))  # one per character besides these
+    wide = (
+        len(_COMBINING.findall(rest))
+        + 2 * len(_THREE_BYTE_NOT_CJK.findall(rest))
+        + 3 * len(_ASTRAL.findall(rest))
+    )
+    return words + digits + visible + wide + line_breaks + indents
+
+
 @given(st.text(alphabet=st.characters(max_codepoint=127)))
-def test_the_fast_ascii_path_counts_exactly_like_the_general_one(text: str) -> None:
-    assert _ascii_tokens(text.encode("ascii")) == _any_tokens(text)
+def test_ascii_text_counts_exactly_as_the_rules_say(text: str) -> None:
+    assert text_tokens(text) == reference_tokens(text)
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8")))
+def test_any_text_counts_exactly_as_the_rules_say(text: str) -> None:
+    assert text_tokens(text) == reference_tokens(text)
+
+
+@given(
+    st.lists(
+        st.sampled_from(["word", "Word ", "12", "\n", "  ", "é", "ж", "中", "—", "👍", "\u0301"]),
+        max_size=40,
+    ).map("".join)
+)
+def test_mixed_scripts_count_exactly_as_the_rules_say(text: str) -> None:
+    assert text_tokens(text) == reference_tokens(text)

@@ -18,7 +18,9 @@ def read(
     path: Path, mapping: InputMapping, *, batch_rows: int, start_seq: int = 0
 ) -> Iterator[SourceBatch]:
     try:
-        parquet = pq.ParquetFile(path)
+        # pre_buffer (the default) keeps what it read ahead for the file's lifetime:
+        # memory would grow with the file instead of staying at one batch.
+        parquet = pq.ParquetFile(path, pre_buffer=False)
     except (OSError, pa.ArrowException) as exc:
         raise InputError(f"{path}: not a readable Parquet file: {exc}") from None
     present = set(parquet.schema_arrow.names)
