@@ -35,8 +35,9 @@ class Simulator:
     process: subprocess.Popen[str]
     base_url: str
 
-    def stats(self) -> dict[str, Any]:
-        url = self.base_url.removesuffix("/v1") + "/stats"
+    def stats(self, *, brief: bool = False) -> dict[str, Any]:
+        """What the simulator saw; `brief` leaves out the per-request-id map."""
+        url = self.base_url.removesuffix("/v1") + "/stats" + ("?brief=1" if brief else "")
         with urllib.request.urlopen(url, timeout=30) as response:
             return dict(json.load(response))
 
@@ -71,20 +72,47 @@ class Measured:
     peak_rss_mb: float
 
 
-def measure(args: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None) -> Measured:
-    """Run a command to its end; its own peak RSS comes from `wait4`, so no other
-    process is counted."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        started = time.monotonic()
-        process = subprocess.Popen(
-            list(args), cwd=cwd, env={**os.environ, **(env or {})}, stdout=out, stderr=err
+class Running:
+    """A command started in the background; `wait()` measures it like `measure`."""
+
+    def __init__(self, args: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None) -> None:
+        # Files, not pipes, so a chatty process never blocks; closed by wait().
+        self._out = tempfile.TemporaryFile("w+")  # noqa: SIM115
+        self._err = tempfile.TemporaryFile("w+")  # noqa: SIM115
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(
+            list(args),
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+            stdout=self._out,
+            stderr=self._err,
         )
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.monotonic() - started
-        process.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait again
-        out.seek(0)
-        err.seek(0)
-        return Measured(process.returncode, out.read(), err.read(), wall, usage.ru_maxrss / 1024)
+
+    def wait(self) -> Measured:
+        """Wait for the end; its own peak RSS comes from `wait4`, so no other
+        process is counted."""
+        _, status, usage = os.wait4(self.process.pid, 0)
+        wall = time.monotonic() - self.started
+        self.process.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait again
+        outputs = []
+        for handle in (self._out, self._err):
+            handle.seek(0)
+            outputs.append(handle.read())
+            handle.close()
+        return Measured(self.process.returncode, *outputs, wall, usage.ru_maxrss / 1024)
+
+
+def measure(args: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None) -> Measured:
+    """Run a command to its end."""
+    return Running(args, cwd=cwd, env=env).wait()
+
+
+def first_request_after(sim: Simulator, running: Running, *, seen: int, poll_s: float) -> float:
+    """Seconds from the start of `running` until the server has seen more than
+    `seen` requests (or until it ended without sending any)."""
+    while sim.stats(brief=True)["requests"] <= seen and running.process.poll() is None:
+        time.sleep(poll_s)
+    return time.monotonic() - running.started
 
 
 def runner_cli(*args: str) -> list[str]:
@@ -112,8 +140,10 @@ def write_job(
     *,
     input_name: str,
     max_tokens: int = 16,
+    provider: str = "",
 ) -> Path:
-    """A job reading `input_name` from `work` into out.parquet and state.db."""
+    """A job reading `input_name` from `work` into out.parquet and state.db;
+    `provider` holds extra lines for its [provider] table."""
     sections = "".join(
         f"[tenants.{name}]\n" + "".join(f"{k} = {v}\n" for k, v in limits.items())
         for name, limits in tenants.items()
@@ -122,7 +152,7 @@ def write_job(
     path.write_text(
         f'[job]\nname = "bench"\ninput = "{input_name}"\noutput = "out.parquet"\n'
         f'state = "state.db"\n[defaults]\nmodel = "{MODEL}"\nmax_tokens = {max_tokens}\n'
-        f'[provider]\nbase_url = "{base_url}"\ntimeout_s = 120\n{sections}',
+        f'[provider]\nbase_url = "{base_url}"\ntimeout_s = 120\n{provider}\n{sections}',
         encoding="utf-8",
     )
     return path

@@ -17,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
-SCENARIOS = ("overhead", "latency", "limits", "isolation", "memory", "resume", "submit")
+SCENARIOS = ("overhead", "latency", "limits", "isolation", "scale", "resume")
 
 
 def main() -> None:
