@@ -1,15 +1,19 @@
-"""Latency-bound: the simulator answers after 200 ms; 20 tenants with
-`max_parallel` 50, so at most 1,000 requests are in flight and the concurrency
-bound is 1,000 / 0.2 s = 5,000 requests/s.
+"""Latency-bound: 20 tenants with `max_parallel` 50, so at most 1,000 requests
+are in flight, against a simulator that answers after a fixed latency; the
+concurrency bound is 1,000 / latency requests per second.
 
-Prints the runner's throughput (process start to end) as a ratio of that bound
-(target >= 0.90), and, measured side by side, the bare aiohttp loop's with the
-same 1,000 connections: what a Python client and this simulator reach on this
-machine at all, and the runner's ratio to it.
+At the issue's 200 ms the bound is 5,000 requests/s, more than this machine's
+simulator and any Python client on it can serve (see the bare aiohttp loop,
+measured side by side with the same 1,000 connections); at 1 s the bound is
+1,000/s, within what the machine can do, so that run shows whether the runner
+keeps every slot busy. Rates are the server's, from its first to its last
+answer (start-up and registration excluded); the end-to-end rate of the whole
+process is printed too. Target: >= 0.90 of the bound.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -28,31 +32,51 @@ from common import (
 
 TENANTS = [f"t{i:02}" for i in range(20)]
 MAX_PARALLEL = 50
-LATENCY_S = 0.2
+CONCURRENCY = MAX_PARALLEL * len(TENANTS)
 TARGET = 0.90
 
 
 def run(quick: bool) -> list[str]:
-    rows = 4_000 if quick else 60_000
-    concurrency = MAX_PARALLEL * len(TENANTS)
-    bound = concurrency / LATENCY_S
-    with tempfile.TemporaryDirectory() as folder, simulator("--latency", str(LATENCY_S)) as sim:
-        work = Path(folder)
-        write_jsonl(work / "in.jsonl", short_rows(rows, TENANTS))
-        job = write_job(work, sim.base_url, unlimited(TENANTS, MAX_PARALLEL), input_name="in.jsonl")
-        bare_loop = str(Path(__file__).with_name("bare_loop.py"))
-        bare = measure(
-            [sys.executable, bare_loop, sim.base_url, "in.jsonl", str(concurrency), "16"], cwd=work
-        )
-        bare_rate = rows / check(bare, "the bare loop").wall_s
-        submit = runner_cli("submit", str(job), "--run-id", "latency")
-        runner_rate = rows / check(measure(submit, cwd=work, env=key_env(TENANTS)), "runner").wall_s
-    ratio = runner_rate / bound
-    return [
-        f"latency: {rows} requests, {len(TENANTS)} tenants x max_parallel {MAX_PARALLEL}, "
-        f"{LATENCY_S * 1000:.0f} ms per answer; concurrency bound {bound:.0f} req/s",
-        f"  runner submit      {runner_rate:7.0f} req/s: ratio to the bound {ratio:.2f}"
-        f" (target >= {TARGET}) {'ok' if ratio >= TARGET else 'MISSED'}",
-        f"  bare aiohttp loop  {bare_rate:7.0f} req/s: ratio to the bound {bare_rate / bound:.2f};"
-        f" runner / bare {runner_rate / bare_rate:.2f}",
+    lines = [
+        f"latency: {len(TENANTS)} tenants x max_parallel {MAX_PARALLEL} = {CONCURRENCY} in flight"
     ]
+    for latency_s, seconds in ((0.2, 12), (1.0, 30)):
+        bound = CONCURRENCY / latency_s
+        rows = int(bound * seconds * (0.1 if quick else 1))
+        with tempfile.TemporaryDirectory() as folder:
+            work = Path(folder)
+            write_jsonl(work / "in.jsonl", short_rows(rows, TENANTS))
+            bare = _bare_rate(work, latency_s)
+            runner, wall = _runner_rate(work, latency_s)
+        ratio = runner / bound
+        lines += [
+            f"  {latency_s * 1000:.0f} ms per answer, {rows} requests: bound {bound:.0f} req/s",
+            f"    runner submit      {runner:6.0f} req/s while sending ({rows / wall:.0f} end to"
+            f" end): ratio to the bound {ratio:.2f} (target >= {TARGET})"
+            f" {'ok' if ratio >= TARGET else 'MISSED'}",
+            f"    bare aiohttp loop  {bare:6.0f} req/s: ratio to the bound {bare / bound:.2f};"
+            f" runner / bare {runner / bare:.2f}",
+        ]
+    return lines
+
+
+def _bare_rate(work: Path, latency_s: float) -> float:
+    """The bare loop's rate from its first request to its last answer."""
+    with simulator("--latency", str(latency_s)) as sim:
+        bare_loop = str(Path(__file__).with_name("bare_loop.py"))
+        args = [sys.executable, bare_loop, sim.base_url, "in.jsonl", str(CONCURRENCY), "16"]
+        report = json.loads(check(measure(args, cwd=work), "the bare loop").stdout)
+    return float(report["ok"] / report["seconds"])
+
+
+def _runner_rate(work: Path, latency_s: float) -> tuple[float, float]:
+    """The runner's rate from its first to its last answer as the server saw
+    them, and the wall time of the whole process."""
+    with simulator("--latency", str(latency_s)) as sim:
+        job = write_job(work, sim.base_url, unlimited(TENANTS, MAX_PARALLEL), input_name="in.jsonl")
+        submit = runner_cli("submit", str(job), "--run-id", "latency")
+        wall = check(measure(submit, cwd=work, env=key_env(TENANTS)), "runner").wall_s
+        stats = sim.stats(brief=True)
+    answers = sum(entry["ok"] for entry in stats["per_key"].values())
+    span = max(stats["last_ok_at"].values()) - min(stats["first_ok_at"].values())
+    return answers / (span + latency_s), wall

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,9 @@ def test_a_second_process_on_a_running_run_exits_4_and_sends_nothing(
     monkeypatch.setenv("ACME_API_KEY", "sk-a")
     monkeypatch.setenv("GLOBEX_API_KEY", "sk-g")
     monkeypatch.setenv("INITECH_API_KEY", "sk-i")
-    with SimulatorThread(SimulatorConfig(latency_s=0.3)) as sim:
+    # 160 rows, 24 at a time, 1 s each: the first run lasts about 7 s, long enough
+    # for the two others to start (slowly, on a loaded machine) while it runs.
+    with SimulatorThread(SimulatorConfig(latency_s=1.0)) as sim:
         job = write_job(
             SAMPLE_DATA / "prompts.parquet", input_section='prompt = "turns"', base_url=sim.base_url
         )
@@ -44,8 +47,11 @@ def test_a_second_process_on_a_running_run_exits_4_and_sends_nothing(
         deadline = time.monotonic() + 60
         while sim.stats()["requests"] == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-        second = run_cli("submit", str(job), "--run-id", "night", cwd=tmp_path)
-        resume = run_cli("resume", "night", "--state", "state.db", cwd=tmp_path)
+        with ThreadPoolExecutor() as pool:  # both at once, while the first still runs
+            submits = pool.submit(run_cli, "submit", str(job), "--run-id", "night", cwd=tmp_path)
+            resumes = pool.submit(run_cli, "resume", "night", "--state", "state.db", cwd=tmp_path)
+            second, resume = submits.result(), resumes.result()
+        assert first.poll() is None  # (else this test proves nothing)
         _, stderr = first.communicate(timeout=120)
         seen = sim.stats()["client_request_ids"]
     assert second.returncode == 4 and resume.returncode == 4
