@@ -133,6 +133,10 @@ async def run_job_async(
         workers=workers,
         merge=merge,
     )
+    if spec.job.engine == "ray":
+        from runner.distributed.driver import import_ray
+
+        import_ray()  # before anything is registered: a missing Ray is a config error
     if state is None and spec.job.state is not None and not environ.get(STATE_VARIABLE):
         state = spec.job.state
     store = Store(state_path(state, environ))
