@@ -124,7 +124,9 @@ async def run_job_async(
     prices (its rows stay as registered); if its input file changed since, the
     submit is refused, unless `restart` registers the input afresh (what was sent
     stays in the ledger). `engine`, `address`, `workers` and `merge` override the
-    job file's `[job] engine` and `[ray]` settings, and are kept with the run."""
+    job file's `[job] engine` and `[ray]` settings, and are kept with the run;
+    under the Ray engine, workers read keys from their own environment, never
+    from `environ`."""
     environ = os.environ if environ is None else environ
     spec = with_engine(
         job if isinstance(job, Job) else load_job(job),

@@ -9,6 +9,7 @@ name and renamed, so a crash leaves the previous file or none.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,16 +48,20 @@ def split(merged: Path, groups: Sequence[Sequence[str]], folder: Path) -> list[P
         stale.unlink()
     source = pq.ParquetFile(merged)
     temporaries = [target.with_name(f".{target.name}.{os.getpid()}.tmp") for target in targets]
-    writers = [pq.ParquetWriter(path, source.schema_arrow) for path in temporaries]
+    members = [pa.array(sorted(group), pa.string()) for group in groups]
     try:
-        members = [pa.array(sorted(group), pa.string()) for group in groups]
-        for batch in source.iter_batches():
-            tenants = batch.column("tenant")
-            for writer, group in zip(writers, members, strict=True):
-                writer.write_batch(batch.filter(pc.is_in(tenants, value_set=group)))
+        with contextlib.ExitStack() as stack:
+            writers = [
+                stack.enter_context(pq.ParquetWriter(path, source.schema_arrow))
+                for path in temporaries
+            ]
+            for batch in source.iter_batches():
+                tenants = batch.column("tenant")
+                for writer, group in zip(writers, members, strict=True):
+                    writer.write_batch(batch.filter(pc.is_in(tenants, value_set=group)))
+        for temporary, target in zip(temporaries, targets, strict=True):
+            os.replace(temporary, target)
     finally:
-        for writer in writers:
-            writer.close()
-    for temporary, target in zip(temporaries, targets, strict=True):
-        os.replace(temporary, target)
+        for temporary in temporaries:
+            temporary.unlink(missing_ok=True)
     return targets
