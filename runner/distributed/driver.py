@@ -20,11 +20,13 @@ This is the only module that imports Ray, and only when a run uses it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shutil
 import signal
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -46,14 +48,16 @@ from runner.distributed.shards import (
 )
 from runner.distributed.worker import ShardTask, run_shard
 from runner.engine import EngineSettings
-from runner.errors import ConfigError, StateError
+from runner.errors import ConfigError, RunLocked, StateError
 from runner.ledger import Entry, Kind
+from runner.locks import RunLock
 from runner.logs import log
 from runner.runs import Execution, ProgressCallback
 from runner.store import Store
 
 INSTALL_HINT = "pip install 'runner[ray]'"
 _POLL_S = 0.5
+_WORKER_GONE_S = 60.0
 
 
 def import_ray() -> ModuleType:
@@ -71,6 +75,7 @@ def import_ray() -> ModuleType:
 def shard_root(state: Path, run_id: str) -> Path:
     """`state/runner.db` -> `state/runner.db.shards/RUN/`: beside the state
     database, so a path every worker can reach when the state is shared."""
+    state = state.resolve()  # workers do not share the driver's working directory
     return state.with_name(state.name + ".shards") / quote(run_id, safe="")
 
 
@@ -177,7 +182,7 @@ def _outcome(ray: ModuleType, ref: Any, task: ShardTask) -> bool:
             "shard %d of run %s did not finish: %s; its progress is kept, resume the run",
             task.index,
             task.run_id,
-            str(exc).splitlines()[0],
+            str(exc).strip().splitlines()[-1],  # the error itself, after its traceback
             extra={"event": "error", "run_id": task.run_id},
         )
         return False
@@ -215,8 +220,30 @@ def _merge_shards(store: Store, run_id: str, root: Path) -> set[tuple[str, str]]
     touched: set[tuple[str, str]] = set()
     for epoch in sorted(path for path in root.glob("*") if path.is_dir()):
         for db in sorted(epoch.glob("shard-*.db")):
-            touched |= merge(store, run_id, db, f"ray:{epoch.name}:{db.stem}#")
+            with _shard_lock(db, run_id):
+                touched |= merge(store, run_id, db, f"ray:{epoch.name}:{db.stem}#")
     return touched
+
+
+@contextlib.contextmanager
+def _shard_lock(db: Path, run_id: str) -> Iterator[None]:
+    """The lock its worker holds on a shard: a worker of a driver that was killed
+    may run on for a moment (Ray stops a dead driver's tasks within seconds), and
+    its shard is merged only once it has stopped."""
+    deadline = time.monotonic() + _WORKER_GONE_S
+    while True:
+        try:
+            lock = RunLock(db, run_id).__enter__()
+        except RunLocked:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(_POLL_S)
+            continue
+        try:
+            yield
+        finally:
+            lock.__exit__(None, None, None)
+        return
 
 
 async def _alert(store: Store, job: Job, touched: set[tuple[str, str]], grace_s: float) -> None:

@@ -318,3 +318,41 @@ def test_without_ray_the_ray_engine_is_refused_with_how_to_install_it(
     )
     assert done.returncode == 2
     assert "pip install 'runner[ray]'" in done.stderr
+
+
+def test_a_killed_driver_is_resumed_and_what_its_workers_finished_is_not_sent_again(
+    cluster: str, tmp_path: Path, write_job: JobWriter
+) -> None:
+    rows = 120
+    slow = {tenant: {**FAST[tenant], "max_parallel": 2} for tenant in TENANTS}
+    with SimulatorThread(SimulatorConfig(latency_s=0.15)) as sim:
+        job = write_job(
+            write_input(tmp_path / "in.jsonl", rows), base_url=sim.base_url, tenants=slow
+        )
+        submit = ["submit", str(job), "--run-id", "night", "--engine", "ray", "--address", cluster]
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "runner", *submit],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_a_busy_worker(tmp_path / "state.db.shards" / "night")
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+        assert not (tmp_path / "out" / "result").exists()
+        resumed = run_cli("resume", "night", "--state", "state.db", cwd=tmp_path)
+        seen = sim.stats()["client_request_ids"]
+
+    assert resumed.returncode == 3, resumed.stderr  # the three rejected rows
+    state = request_rows(tmp_path / "state.db", "night")
+    assert sorted(status for status, *_ in state.values()) == ["done"] * rows + ["rejected"] * 3
+    for seq, (status, attempts, resends, _) in state.items():
+        if status == "done":
+            witness = seen[f"night:{seq}"]
+            assert witness["received"] <= attempts and witness["ok"] <= 1 + resends
+            if resends == 0:
+                assert witness["received"] == witness["ok"] == 1
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        sums = dict(db.execute("SELECT kind, SUM(amount_micros) FROM ledger GROUP BY kind"))
+    assert sums["charge"] == sum(cost or 0 for *_, cost in state.values())
+    assert pq.read_table(tmp_path / "out" / "result").num_rows == rows + 3
