@@ -177,6 +177,8 @@ def _outcome(ray: ModuleType, ref: Any, task: ShardTask) -> bool:
     stay resumable)."""
     try:
         execution: Execution = ray.get(ref)
+    except ray.exceptions.TaskCancelledError:
+        return False  # stopped on a signal, which was logged
     except (ray.exceptions.RayError, StateError) as exc:
         log.error(
             "shard %d of run %s did not finish: %s; its progress is kept, resume the run",
