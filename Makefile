@@ -15,9 +15,10 @@ demo: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 	$(BIN)/runner submit jobs/example.toml
 
-# Install the package with its test extras, lint, type-check, run the suite.
+# Install the package with its test extras (Ray included, for the distributed
+# engine's tests), lint, type-check, run the suite.
 test: $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,ray]'
 	$(BIN)/ruff check runner tests bench sample_data
 	$(BIN)/ruff format --check runner tests bench sample_data
 	$(BIN)/mypy

@@ -15,16 +15,17 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import anyio
+from pydantic import ValidationError
 
-from runner.config import Job, load_job
+from runner.config import EngineName, Job, RaySection, load_job
 from runner.engine import EngineSettings
 from runner.errors import ConfigError, StateError
 from runner.locks import RunLock
 from runner.logs import log
-from runner.runs import ProgressCallback, batch_output_paths, execute, register
+from runner.runs import Execution, ProgressCallback, execute, register
 from runner.sources import file_hash
 from runner.sources.discover import candidates, combined_hash, is_pattern, settled
 from runner.store import RunInfo, Store, TenantCounts
@@ -112,15 +113,32 @@ async def run_job_async(
     environ: Mapping[str, str] | None = None,
     handle_signals: bool = False,
     settings: EngineSettings | None = None,
+    engine: EngineName | None = None,
+    address: str | None = None,
+    workers: int | None = None,
+    merge: bool | None = None,
 ) -> RunResult:
     """Submit a job (a path to its TOML file, or a loaded `Job`) and run it to the
     end. `run_id` (or the job's `run_id`) may be a template (`resolve_run_id`).
     An existing run is continued instead, with this job's provider, tenants and
     prices (its rows stay as registered); if its input file changed since, the
     submit is refused, unless `restart` registers the input afresh (what was sent
-    stays in the ledger)."""
+    stays in the ledger). `engine`, `address`, `workers` and `merge` override the
+    job file's `[job] engine` and `[ray]` settings, and are kept with the run;
+    under the Ray engine, workers read keys from their own environment, never
+    from `environ`."""
     environ = os.environ if environ is None else environ
-    spec = job if isinstance(job, Job) else load_job(job)
+    spec = with_engine(
+        job if isinstance(job, Job) else load_job(job),
+        engine=engine,
+        address=address,
+        workers=workers,
+        merge=merge,
+    )
+    if spec.job.engine == "ray":
+        from runner.distributed.driver import import_ray
+
+        import_ray()  # before anything is registered: a missing Ray is a config error
     if state is None and spec.job.state is not None and not environ.get(STATE_VARIABLE):
         state = spec.job.state
     store = Store(state_path(state, environ))
@@ -154,6 +172,29 @@ async def run_job_async(
             )
     finally:
         store.close()
+
+
+def with_engine(
+    job: Job,
+    *,
+    engine: EngineName | None = None,
+    address: str | None = None,
+    workers: int | None = None,
+    merge: bool | None = None,
+) -> Job:
+    """The job with the given engine settings in place of its own (None keeps
+    the job's), checked like the job file's."""
+    given = {"address": address, "workers": workers, "merge": merge}
+    overrides = {key: value for key, value in given.items() if value is not None}
+    if engine not in (None, *get_args(EngineName)):
+        raise ConfigError(f"engine {engine!r}: use one of {list(get_args(EngineName))}")
+    try:
+        ray = RaySection.model_validate({**job.ray.model_dump(), **overrides})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"Ray options: {problems}") from None
+    section = job.job.model_copy(update={"engine": engine or job.job.engine})
+    return job.model_copy(update={"job": section, "ray": ray})
 
 
 def _check_tenants_kept(store: Store, info: RunInfo, job: Job) -> None:
@@ -255,27 +296,35 @@ async def _execute(
     settings: EngineSettings | None,
     retry_failed: bool,
 ) -> RunResult:
-    execution = await execute(
-        store,
-        run_id,
-        job,
-        environ=environ,
-        on_progress=on_progress,
-        handle_signals=handle_signals,
-        settings=settings,
-        retry_failed=retry_failed,
-    )
-    info = store.require_run(run_id)
-    outputs: tuple[Path, ...] = ()
-    if not execution.interrupted:
-        output = Path(info.output_path)
-        is_batch = info.input_format == "openai_batch"
-        outputs = (output, *batch_output_paths(output)) if is_batch else (output,)
+    execution: Execution
+    if job.job.engine == "ray":
+        from runner.distributed.driver import execute_on_ray  # imports Ray only when used
+
+        execution = await execute_on_ray(
+            store,
+            run_id,
+            job,
+            on_progress=on_progress,
+            handle_signals=handle_signals,
+            settings=settings,
+            retry_failed=retry_failed,
+        )
+    else:
+        execution = await execute(
+            store,
+            run_id,
+            job,
+            environ=environ,
+            on_progress=on_progress,
+            handle_signals=handle_signals,
+            settings=settings,
+            retry_failed=retry_failed,
+        )
     return RunResult(
         run_id=run_id,
         state=store.path,
         tenants=tuple(store.counts(run_id)),
-        outputs=outputs,
+        outputs=execution.outputs,
         interrupted=execution.interrupted,
         requeued=execution.requeued,
         problems=tuple(store.problems(run_id)),
@@ -292,6 +341,10 @@ def run_job(
     restart: bool = False,
     on_progress: ProgressCallback | None = None,
     environ: Mapping[str, str] | None = None,
+    engine: EngineName | None = None,
+    address: str | None = None,
+    workers: int | None = None,
+    merge: bool | None = None,
 ) -> RunResult:
     """Synchronous `run_job_async`. Called inside a running event loop it runs in
     a worker thread and blocks the caller until done; async code should await
@@ -306,6 +359,10 @@ def run_job(
             restart=restart,
             on_progress=on_progress,
             environ=environ,
+            engine=engine,
+            address=address,
+            workers=workers,
+            merge=merge,
         )
     )
 

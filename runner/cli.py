@@ -18,7 +18,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import anyio
 import click
@@ -110,6 +110,15 @@ _retry_failed_option = click.option(
 )
 @_retry_failed_option
 @_state_option
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default=None,
+    help="Where the requests are sent from (default: the job's [job] engine, else local).",
+)
+@click.option("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start one).")
+@click.option("--workers", type=int, help="Ray workers; each owns whole tenants (default 2).")
+@click.option("--merge", is_flag=True, default=None, help="Ray: also keep one merged output file.")
 @_exits
 def submit(
     job: Path,
@@ -118,12 +127,17 @@ def submit(
     restart: bool,
     retry_failed: bool,
     state: Path | None,
+    engine: Literal["local", "ray"] | None,
+    address: str | None,
+    workers: int | None,
+    merge: bool | None,
 ) -> None:
     """Register JOB's input and run it to the end.
 
     \b
     --run-id takes a template: {job}, {date} (UTC), {datetime}, {input_hash};
     e.g. '{job}-{date}' makes a second submit the same night continue the first.
+    --engine ray spreads the tenants over Ray workers (pip install 'runner[ray]').
     """
     _run(
         functools.partial(
@@ -134,6 +148,10 @@ def submit(
             strict=strict,
             restart=restart,
             retry_failed=retry_failed,
+            engine=engine,
+            address=address,
+            workers=workers,
+            merge=merge,
         )
     )
 

@@ -22,6 +22,7 @@ from runner.pricing import Price, price_from_usd, shipped_prices, usd_to_micros
 
 BUILTIN_SIMULATOR = "builtin:simulator"
 InputFormat = Literal["auto", "parquet", "jsonl", "openai_batch"]
+EngineName = Literal["local", "ray"]
 _TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -43,6 +44,7 @@ class JobSection(_Section):
     state: FilePath | None = None
     default_tenant: str | None = None
     run_id: Annotated[str, Field(min_length=1)] = "{job}-{input_hash}"
+    engine: EngineName = "local"
 
     @field_validator("output")
     @classmethod
@@ -156,6 +158,18 @@ class Tenant(_Section):
         return value
 
 
+class RaySection(_Section):
+    """How `engine = "ray"` runs (see `runner.distributed`): the cluster to join
+    (None: `$RAY_ADDRESS`, else a Ray instance started on this machine), how many
+    workers share the tenants, whether to keep one merged output file beside the
+    per-shard files, and how often Ray retries a worker that died."""
+
+    address: Annotated[str, Field(min_length=1)] | None = None
+    workers: Annotated[int, Field(ge=1, le=10_000)] = 2
+    merge: bool = False
+    max_retries: Annotated[int, Field(ge=0, le=100)] = 3
+
+
 class Job(_Section):
     """A whole job, as stored with its run."""
 
@@ -163,6 +177,7 @@ class Job(_Section):
     input: InputMapping = InputMapping()
     defaults: Defaults = Defaults()
     provider: ProviderConfig = ProviderConfig()
+    ray: RaySection = RaySection()
     prices: dict[str, PriceEntry] = {}
     tenants: dict[str, Tenant]
 

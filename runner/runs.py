@@ -91,6 +91,7 @@ def _refuse_rejections(store: Store, run_id: str, source: Path) -> None:
 class Execution:
     interrupted: bool
     requeued: int
+    outputs: tuple[Path, ...] = ()
 
 
 async def execute(
@@ -104,8 +105,10 @@ async def execute(
     settings: EngineSettings | None = None,
     progress_interval_s: float = 0.5,
     retry_failed: bool = False,
+    write: bool = True,
 ) -> Execution:
-    """Send the run's pending rows; on a clean end, write its outputs."""
+    """Send the run's pending rows; on a clean end, write its outputs (unless
+    `write` is False: a Ray shard's rows are written by the driver, after the merge)."""
     info = store.require_run(run_id)
     requeued = store.requeue(run_id, retry_failed=retry_failed)
     store.set_phase(run_id, "running")
@@ -140,11 +143,14 @@ async def execute(
             group.cancel_scope.cancel()
         if on_progress is not None:
             on_progress(_snapshot(engine, baseline))
+    outputs: list[Path] = []
     if engine.stopping:
         store.set_phase(run_id, "interrupted")
+    elif write:
+        outputs = write_outputs(store, run_id)
     else:
-        write_outputs(store, run_id)
-    return Execution(interrupted=engine.stopping, requeued=requeued)
+        store.set_phase(run_id, "finished")
+    return Execution(interrupted=engine.stopping, requeued=requeued, outputs=tuple(outputs))
 
 
 def write_outputs(store: Store, run_id: str) -> list[Path]:

@@ -7,9 +7,10 @@ import inspect
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 import runner
-from runner.api import state_path
+from runner.api import state_path, with_engine
 from tests.conftest import SHARED_DATA, JobWriter
 
 
@@ -77,3 +78,22 @@ def test_the_sync_api_passes_every_option_of_the_async_one() -> None:
         assert options == async_options - {"handle_signals", "settings"}
         source = inspect.getsource(sync)
         assert [option for option in options if f"{option}={option}" not in source] == []
+
+
+def test_engine_options_override_the_job_file_and_bad_ones_are_config_errors(
+    write_job: JobWriter, tmp_path: Path
+) -> None:
+    job = runner.load_job(write_job(tmp_path / "in.jsonl", extra="[ray]\nworkers = 3\n"))
+    assert with_engine(job) == job
+    ray = with_engine(job, engine="ray", address="auto", merge=True)
+    assert (ray.job.engine, ray.ray.address, ray.ray.workers, ray.ray.merge) == (
+        "ray",
+        "auto",
+        3,  # kept from the job file
+        True,
+    )
+    assert ray.input == job.input and ray.tenants == job.tenants
+    with pytest.raises(runner.ConfigError, match="workers: Input should be greater than"):
+        with_engine(job, workers=0)
+    with pytest.raises(runner.ConfigError, match="engine 'spark'"):
+        with_engine(job, engine="spark")  # type: ignore[arg-type]

@@ -142,3 +142,26 @@ def test_a_price_multiplier_scales_every_price(write_job: JobWriter) -> None:
     job = load_job(write_job(Path("in.jsonl"), provider="price_multiplier = 0.8"))
     assert job.price_table()["deepseek-v3.2"].output == 336_000  # 0.42 * 0.8
     assert job.price_table()["gpt-4.1"].cached_input == 400_000  # 0.50 * 0.8
+
+
+def test_the_ray_engine_is_set_in_the_job_file_and_its_mistakes_are_named(
+    write_job: JobWriter, tmp_path: Path
+) -> None:
+    job = load_job(
+        write_job(
+            tmp_path / "in.jsonl",
+            job='engine = "ray"',
+            extra='[ray]\naddress = "10.0.0.5:6379"\nworkers = 8\nmerge = true\n',
+        )
+    )
+    assert (job.job.engine, job.ray.address, job.ray.workers, job.ray.merge) == (
+        "ray",
+        "10.0.0.5:6379",
+        8,
+        True,
+    )
+    assert load_job(write_job(tmp_path / "in.jsonl")).job.engine == "local"
+    with pytest.raises(ConfigError, match=r"\[ray\] workers: Input should be greater than"):
+        load_job(write_job(tmp_path / "in.jsonl", extra="[ray]\nworkers = 0\n"))
+    with pytest.raises(ConfigError, match=r"\[job\] engine: Input should be 'local' or 'ray'"):
+        load_job(write_job(tmp_path / "in.jsonl", job='engine = "spark"'))

@@ -1,0 +1,102 @@
+"""Shards without Ray: rows out of the run, one shard run in this process with
+the worker's own code, outcomes and money merged back exactly once."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from runner.config import load_job
+from runner.distributed.shards import hand_off, merge, shard_caps, tenant_work, write_shard
+from runner.distributed.worker import ShardTask, run_shard
+from runner.runs import register
+from runner.sources import file_hash
+from runner.store import Store
+from tests.conftest import JobWriter, ledger_charges
+
+TENANTS = {
+    "acme": {"rpm": 6000, "tpm": 1_000_000, "monthly_budget_usd": 1},
+    "globex": {"rpm": 6000, "tpm": 1_000_000},
+}
+
+
+def write_input(path: Path) -> Path:
+    rows = [
+        {"id": f"q{n}", "tenant": ("acme", "globex")[n % 2], "prompt": f"Q {n}?"} for n in range(30)
+    ]
+    rows.append({"id": "x", "tenant": "nobody", "prompt": "unknown tenant"})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def ledger_rows(state: Path) -> list[tuple[object, ...]]:
+    with sqlite3.connect(state) as db:
+        return db.execute("SELECT tenant, period, kind, amount_micros, seq FROM ledger").fetchall()
+
+
+def balances_match_ledger(state: Path) -> bool:
+    with sqlite3.connect(state) as db:
+        balances = dict(db.execute("SELECT tenant, charged_micros FROM balances").fetchall())
+        sums = dict(
+            db.execute(
+                "SELECT tenant, TOTAL(amount_micros) FROM ledger WHERE kind = 'charge'"
+                " GROUP BY tenant"
+            ).fetchall()
+        )
+        (reserved,) = db.execute("SELECT TOTAL(reserved_micros) FROM balances").fetchone()
+    return all(balances[t] == sums[t] for t in sums) and reserved == 0
+
+
+def test_a_shard_runs_on_its_own_database_and_merges_into_the_run_exactly_once(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    source = write_input(tmp_path / "in.jsonl")
+    job = load_job(write_job(source, tenants=TENANTS))
+    store = Store(tmp_path / "state.db")
+    register(store, "r", job, [(source, file_hash(source))], input_hash="h")
+
+    work = tenant_work(store, "r")
+    assert {name: (w.rows, w.tokens > 0) for name, w in work.items()} == {
+        "acme": (15, True),
+        "globex": (15, True),
+        "nobody": (0, False),  # its row is rejected: nothing to send
+    }
+    caps = hand_off(store, "r", job, ["acme", "globex"])
+    assert caps == {"acme": 1_000_000}  # globex has no cap: nothing handed over
+    (period,) = {period for _, period, *_ in ledger_rows(store.path)}
+    assert store.balance("acme", period).reserved_micros == 1_000_000
+
+    shard = tmp_path / "shards" / "shard-0.parquet"
+    assert write_shard(store, "r", ["acme", "globex"], shard) == 30
+    table = pq.read_table(shard)
+    assert table.column("seq").to_pylist() == list(range(30))
+    assert "sk-" not in json.dumps(table.to_pylist())  # no key travels in a shard
+
+    shard_job = shard_caps(job, caps)
+    assert shard_job.tenants["acme"].cap_micros == 1_000_000
+    assert shard_job.tenants["acme"].alert_thresholds == []
+    task = ShardTask("r", 0, shard_job.to_json(), "jsonl", shard, shard.with_suffix(".db"))
+    execution = run_shard(task)
+    assert not execution.interrupted and execution.outputs == ()
+    assert task.pid_file.read_text().strip().isdigit()
+
+    merge(store, "r", task.db, "t:0#")
+    once = ledger_rows(store.path)
+    merge(store, "r", task.db, "t:0#")  # a driver that died before removing the shard
+    assert ledger_rows(store.path) == once
+
+    counts = {c.tenant: c.by_status for c in store.counts("r")}
+    assert counts == {"acme": {"done": 15}, "globex": {"done": 15}, "nobody": {"rejected": 1}}
+    costs = store.db.execute("SELECT TOTAL(cost_micros) FROM requests WHERE run_id = 'r'")
+    assert ledger_charges(store, "r") == int(costs.fetchone()[0]) > 0
+    assert balances_match_ledger(store.path)  # the hand-off is released, nothing held
+    kinds = [kind for _, _, kind, _, seq in once if seq is None]
+    assert kinds == ["reserve", "release"]  # the hand-off, once each
+    attempts = store.db.execute(
+        "SELECT DISTINCT attempts, resends FROM requests WHERE body IS NOT NULL"
+    )
+    assert attempts.fetchall() == [(1, 0)]
+    store.close()
