@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from runner.runs import write_outputs
+from runner.sources import parquet as parquet_source
 from runner.store import Store
 
 
@@ -46,7 +47,7 @@ def split(merged: Path, groups: Sequence[Sequence[str]], folder: Path) -> list[P
     targets = [folder / f"shard-{index}.parquet" for index in range(len(groups))]
     for stale in set(folder.glob("shard-*.parquet")) - set(targets):
         stale.unlink()
-    source = pq.ParquetFile(merged)
+    source = parquet_source.streaming(merged)
     temporaries = [target.with_name(f".{target.name}.{os.getpid()}.tmp") for target in targets]
     members = [pa.array(sorted(group), pa.string()) for group in groups]
     try:

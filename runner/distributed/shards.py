@@ -43,6 +43,7 @@ from runner.errors import StateError
 from runner.ledger import Entry, Kind, period_of
 from runner.records import Request
 from runner.sources import file_hash
+from runner.sources import parquet as parquet_source
 from runner.store import Store, utc_now
 
 HAND_OFF = "budget handed to Ray workers"
@@ -189,7 +190,7 @@ def load_shard(store: Store, run_id: str, job: Job, shard: Path, input_format: s
     )
     rows = 0
     no_columns = pa.RecordBatch.from_pydict({})
-    for batch in pq.ParquetFile(shard).iter_batches(batch_size=_PAGE_ROWS):
+    for batch in parquet_source.streaming(shard).iter_batches(batch_size=_PAGE_ROWS):
         records = batch.to_pylist()
         if not records:
             continue

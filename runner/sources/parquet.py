@@ -14,13 +14,18 @@ from runner.records import InputRow
 from runner.sources import SourceBatch
 
 
+def streaming(path: Path) -> pq.ParquetFile:
+    """A Parquet file to read in batches with memory that stays at one batch."""
+    # pre_buffer (the default) keeps what it read ahead for the file's lifetime:
+    # memory would grow with the file.
+    return pq.ParquetFile(path, pre_buffer=False)
+
+
 def read(
     path: Path, mapping: InputMapping, *, batch_rows: int, start_seq: int = 0
 ) -> Iterator[SourceBatch]:
     try:
-        # pre_buffer (the default) keeps what it read ahead for the file's lifetime:
-        # memory would grow with the file instead of staying at one batch.
-        parquet = pq.ParquetFile(path, pre_buffer=False)
+        parquet = streaming(path)
     except (OSError, pa.ArrowException) as exc:
         raise InputError(f"{path}: not a readable Parquet file: {exc}") from None
     present = set(parquet.schema_arrow.names)
