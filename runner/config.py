@@ -209,7 +209,9 @@ class Job(_Section):
         return {model: price.scaled(multiplier) for model, price in table.items()}
 
     def to_json(self) -> str:
-        return self.model_dump_json()
+        """The job as set (defaults left out), so `from_json` gives back the same
+        job, down to which input columns were named explicitly."""
+        return self.model_dump_json(exclude_unset=True)
 
     @classmethod
     def from_json(cls, text: str) -> Job:

@@ -37,6 +37,10 @@ def test_a_tenants_file_is_shared_and_job_prices_override_it(tmp_path: Path) -> 
 def test_the_job_round_trips_through_the_json_stored_with_its_run() -> None:
     job = load_job(REPO / "jobs" / "openai_batch.toml")
     assert Job.from_json(job.to_json()) == job
+    example = load_job(REPO / "jobs" / "example.toml")
+    again = Job.from_json(example.to_json())
+    assert again == example
+    assert again.input.required_columns() == {"id", "tenant", "turns"}  # only what it names
 
 
 def test_key_variable_defaults_to_the_tenant_name(write_job: JobWriter) -> None:
