@@ -58,6 +58,7 @@ class Alerts:
         "_job",
         "_pending",
         "_receive",
+        "_recorded",
         "_send",
         "_store",
         "attempts",
@@ -73,6 +74,7 @@ class Alerts:
         self._send, self._receive = anyio.create_memory_object_stream[tuple[str, Alert]](1000)
         self._delivered = anyio.Event()
         self._pending: set[Alert] = set()
+        self._recorded: set[tuple[str, str, int]] = set()  # (tenant, period, threshold)
         self.attempts = attempts
         self.backoff_s = backoff_s
         self.fired: list[Alert] = []
@@ -92,7 +94,11 @@ class Alerts:
             spent = balance.spent_micros
             percent = spent * 100 / cap if cap else (math.inf if spent else 0.0)
             for threshold in sorted(config.alert_thresholds):
-                if percent >= threshold and self._store.record_alert(balance, threshold, cap):
+                if percent < threshold or (tenant, period, threshold) in self._recorded:
+                    continue
+                # Recorded once (here or by an earlier run): no write per commit after.
+                self._recorded.add((tenant, period, threshold))
+                if self._store.record_alert(balance, threshold, cap):
                     self._fire(Alert(tenant, period, threshold, spent, cap), config.alert_webhook)
 
     def _fire(self, alert: Alert, webhook: str | None) -> None:

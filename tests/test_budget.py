@@ -7,6 +7,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,11 @@ import pytest
 from aiohttp import web
 
 from runner import reports
+from runner.alerts import Alerts
 from runner.api import resume_async, run_job_async
+from runner.config import load_job
 from runner.engine import EngineSettings
+from runner.ledger import Entry, Kind, period_of
 from runner.simulator import SimulatorConfig, running_simulator
 from runner.store import Store
 from tests.conftest import JobWriter, ledger_charges
@@ -264,3 +268,26 @@ async def test_a_webhook_that_never_answers_holds_up_no_other_tenants_alert(
         hanging.close()
     assert [(p["tenant"], p["threshold_percent"]) for p in hook.received] == [("live", 10)]
     assert "budget alert webhook for tenant 'aaa' not answered within 2s" in caplog.text
+
+
+def test_a_threshold_once_crossed_costs_no_write_on_later_commits(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    job = load_job(
+        write_job(
+            write_input(tmp_path, 1, ["acme"]),
+            tenants={"acme": {"rpm": 60, "tpm": 100_000, "monthly_budget_usd": 1.0}},
+        )
+    )
+    store = Store(tmp_path / "state.db")
+    alerts = Alerts(store, job)
+    period = period_of(datetime.now(UTC), "month")
+    statements: list[str] = []
+    store.db.conn.set_trace_callback(statements.append)
+    for _ in range(5):  # spend 60 %, then four more commits of spend
+        charge = Entry("acme", period, Kind.CHARGE, 120_000)
+        store.add_entries([charge])
+        alerts.check([charge])
+    store.db.conn.set_trace_callback(None)
+    assert [alert.threshold for alert in alerts.fired] == [50]
+    assert sum("INSERT" in s and "alerts" in s for s in statements) == 1
