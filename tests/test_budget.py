@@ -284,10 +284,11 @@ def test_a_threshold_once_crossed_costs_no_write_on_later_commits(
     period = period_of(datetime.now(UTC), "month")
     statements: list[str] = []
     store.db.conn.set_trace_callback(statements.append)
-    for _ in range(5):  # spend 60 %, then four more commits of spend
-        charge = Entry("acme", period, Kind.CHARGE, 120_000)
+    for micros in (600_000, 10_000, 10_000, 10_000, 10_000):  # 60 %, then four commits more
+        charge = Entry("acme", period, Kind.CHARGE, micros)
         store.add_entries([charge])
         alerts.check([charge])
     store.db.conn.set_trace_callback(None)
+    alerts.close()
     assert [alert.threshold for alert in alerts.fired] == [50]
     assert sum("INSERT" in s and "alerts" in s for s in statements) == 1
