@@ -310,6 +310,11 @@ async def _execute(
             retry_failed=retry_failed,
         )
     else:
+        from runner.distributed.driver import merge_leftover_shards  # (no Ray needed)
+
+        # A Ray run of this id whose driver was killed may have left finished work.
+        grace_s = (settings or EngineSettings()).alert_grace_s
+        await merge_leftover_shards(store, run_id, job, grace_s=grace_s)
         execution = await execute(
             store,
             run_id,

@@ -206,7 +206,8 @@ class _Lane:
         self.limiter = TenantLimiter(
             rpm=config.rpm,
             tpm=config.tpm,
-            max_request_tokens=largest,
+            # (a continued run's job may have lowered tpm below rows registered before)
+            max_request_tokens=min(largest, config.tpm),
             window_s=engine._settings.window_s,
             margin_s=engine._settings.margin_s,
         )
@@ -290,6 +291,11 @@ class _Lane:
     async def _serve(self, request: PendingRequest) -> None:
         """Budget, then attempts until the row has an outcome or the lane stops."""
         engine = self._engine
+        if request.tpm_cost > self.limiter.tpm:
+            tpm = self.limiter.tpm
+            why = f"needs about {request.tpm_cost} tokens but tenant {self.tenant!r} allows {tpm}"
+            self._end(request, Status.FAILED, request.attempts, f"{why} per minute", None)
+            return
         worst = self.budget.worst_case(request.model, request.prompt_estimate, request.max_tokens)
         admitted, reserved = await self._reserve(request, worst)
         attempt = first = request.attempts  # attempts count across runs; the limit per run

@@ -341,8 +341,9 @@ class Store:
             for r in requests:
                 largest[r.tenant] = max(largest.get(r.tenant, 0), r.tpm_cost)
             self.db.conn.executemany(
-                "INSERT INTO run_tenants (run_id, tenant, largest_cost) VALUES (?, ?, ?) ON"
-                " CONFLICT DO UPDATE SET largest_cost = MAX(largest_cost, excluded.largest_cost)",
+                "INSERT INTO run_tenants (run_id, tenant, largest_cost) VALUES (?, ?, ?)"
+                " ON CONFLICT (run_id, tenant)"
+                " DO UPDATE SET largest_cost = MAX(largest_cost, excluded.largest_cost)",
                 [(run_id, tenant, cost) for tenant, cost in largest.items()],
             )
             self.db.execute(

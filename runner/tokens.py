@@ -41,8 +41,9 @@ REPLY_PRIMING = 3
 _INDENT_CHARS = 16
 
 # Non-ASCII characters that cost less than their UTF-8 bytes (every other one
-# costs exactly its bytes): two-byte letters cost one, CJK one.
-_TWO_BYTE_LETTER = re.compile("[\u0080-\u0084\u0086-\u009f\u00a1-\u02ff\u0370-\u07ff]")
+# costs exactly its bytes): two-byte characters but for combining marks and
+# two-byte spaces cost one, CJK one.
+_TWO_BYTES_ONE_TOKEN = re.compile("[\u0080-\u0084\u0086-\u009f\u00a1-\u02ff\u0370-\u07ff]")
 _CJK = re.compile("[\u3001-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
 
 
@@ -104,7 +105,7 @@ def text_tokens(text: str) -> int:
     # and digit runs, as a non-ASCII character does); then the cheaper classes
     # get back what they cost less than their bytes.
     tokens = _byte_tokens(text.encode("utf-8", "surrogatepass"))
-    return tokens - len(_TWO_BYTE_LETTER.findall(text)) - 2 * len(_CJK.findall(text))
+    return tokens - len(_TWO_BYTES_ONE_TOKEN.findall(text)) - 2 * len(_CJK.findall(text))
 
 
 def _byte_tokens(raw: bytes) -> int:

@@ -409,3 +409,26 @@ async def test_every_fault_at_once_ends_each_row_done_or_failed_with_its_last_er
     store = Store(tmp_path / "state.db")
     (recorded,) = store.db.execute("SELECT COUNT(*) FROM attempts").fetchone()
     assert recorded + result.counts.get("done", 0) == sum(row["attempts"] for row in rows)
+
+
+async def test_a_row_above_a_tpm_lowered_since_registration_fails_and_the_rest_runs(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    source = tmp_path / "in.jsonl"
+    prompts = ["Short one?", "lengthy " * 200, "Short two?"]
+    source.write_text(
+        "".join(json.dumps({"id": f"r{i}", "prompt": p}) + "\n" for i, p in enumerate(prompts))
+    )
+    async with running_simulator(SimulatorConfig()) as sim:
+        first = await run(
+            write_job(source, base_url=sim.base_url, tenants={"acme": {"rpm": 600, "tpm": 9000}}),
+            environ={},  # no key: every row deferred
+        )
+        again = await run(
+            write_job(source, base_url=sim.base_url, tenants={"acme": {"rpm": 600, "tpm": 150}})
+        )
+    assert first.counts == {"deferred": 3}
+    assert again.counts == {"done": 2, "failed": 1}
+    failed = [row for row in output_rows(tmp_path) if row["status"] == "failed"]
+    assert [row["id"] for row in failed] == ["r1"]
+    assert "but tenant 'acme' allows 150 per minute" in failed[0]["error"]

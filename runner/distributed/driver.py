@@ -92,33 +92,41 @@ async def execute_on_ray(
     """Run the run's pending rows on Ray workers (see the module docstring)."""
     del on_progress  # per-tenant progress lives in the shard databases until the merge
     ray = import_ray()
-    root = shard_root(store.path, run_id)
-    settings = settings or EngineSettings()
-    await _merge_epochs(store, run_id, job, root, settings)
+    grace_s = (settings or EngineSettings()).alert_grace_s
+    await merge_leftover_shards(store, run_id, job, grace_s=grace_s)
     requeued = store.requeue(run_id, retry_failed=retry_failed)
     store.set_phase(run_id, "running")
     work = tenant_work(store, run_id)
     groups = plan(work, job.tenants, job.ray.workers)
     busy = [index for index, group in enumerate(groups) if any(work[t].rows for t in group)]
-    caps = hand_off(store, run_id, job, [tenant for i in busy for tenant in groups[i]])
-    epoch = root / uuid.uuid4().hex[:12]
-    info = store.require_run(run_id)
-    tasks = []
-    for index in busy:
-        shard = epoch / f"shard-{index}.parquet"
-        write_shard(store, run_id, groups[index], shard)
-        job_json = shard_caps(job, caps).to_json()
-        db = shard.with_suffix(".db")
-        tasks.append(ShardTask(run_id, index, job_json, info.input_format, shard, db, settings))
-    log.info(
-        "run %s: %d tenant(s) in %d shard(s) on Ray",
-        run_id,
-        len(work),
-        len(tasks),
-        extra={"event": "shards", "run_id": run_id},
-    )
-    finished = await _run_tasks(ray, tasks, job, handle_signals=handle_signals)
-    await _merge_epochs(store, run_id, job, root, settings)
+    started_ray = bool(busy) and _connect(ray, job.ray.address)  # before any budget moves
+    try:
+        caps = hand_off(store, run_id, job, [tenant for i in busy for tenant in groups[i]])
+        epoch = shard_root(store.path, run_id) / uuid.uuid4().hex[:12]
+        info = store.require_run(run_id)
+        tasks = []
+        for index in busy:
+            shard = epoch / f"shard-{index}.parquet"
+            write_shard(store, run_id, groups[index], shard)
+            job_json = shard_caps(job, caps).to_json()
+            db = shard.with_suffix(".db")
+            # The caller's settings as given: None lets each worker pick the
+            # engine's defaults for the input (raw bodies for OpenAI batch files).
+            tasks.append(ShardTask(run_id, index, job_json, info.input_format, shard, db, settings))
+        log.info(
+            "run %s: %d tenant(s) in %d shard(s) on Ray",
+            run_id,
+            len(work),
+            len(tasks),
+            extra={"event": "shards", "run_id": run_id},
+        )
+        finished = await _run_tasks(ray, tasks, job, handle_signals=handle_signals)
+    finally:
+        # Whatever happened (a shard file that could not be written too), what the
+        # workers finished comes in and no budget stays handed off.
+        await merge_leftover_shards(store, run_id, job, grace_s=grace_s)
+        if started_ray:
+            ray.shutdown()
     if not finished:
         store.set_phase(run_id, "interrupted")
         return Execution(interrupted=True, requeued=requeued)
@@ -133,27 +141,20 @@ async def _run_tasks(
     finish (stopped by a signal, or its worker died more often than Ray retries)."""
     if not tasks:
         return True
-    started_ray = _connect(ray, job.ray.address)
-    try:
-        remote = ray.remote(run_shard).options(
-            max_retries=job.ray.max_retries, retry_exceptions=False
-        )
-        pending: dict[Any, ShardTask] = {remote.remote(task): task for task in tasks}
-        finished = True
-        async with anyio.create_task_group() as group:
-            if handle_signals:
-                group.start_soon(_cancel_on_signals, ray, pending)
-            while pending:
-                wait = functools.partial(ray.wait, list(pending), num_returns=1, timeout=_POLL_S)
-                ready, _ = await anyio.to_thread.run_sync(wait)
-                for ref in ready:
-                    task = pending.pop(ref)
-                    finished &= _outcome(ray, ref, task)
-            group.cancel_scope.cancel()
-        return finished
-    finally:
-        if started_ray:
-            ray.shutdown()
+    remote = ray.remote(run_shard).options(max_retries=job.ray.max_retries, retry_exceptions=False)
+    pending: dict[Any, ShardTask] = {remote.remote(task): task for task in tasks}
+    finished = True
+    async with anyio.create_task_group() as group:
+        if handle_signals:
+            group.start_soon(_cancel_on_signals, ray, pending)
+        while pending:
+            wait = functools.partial(ray.wait, list(pending), num_returns=1, timeout=_POLL_S)
+            ready, _ = await anyio.to_thread.run_sync(wait)
+            for ref in ready:
+                task = pending.pop(ref)
+                finished &= _outcome(ray, ref, task)
+        group.cancel_scope.cancel()
+    return finished
 
 
 def _connect(ray: ModuleType, address: str | None) -> bool:
@@ -206,14 +207,17 @@ async def _cancel_on_signals(ray: ModuleType, pending: dict[Any, ShardTask]) -> 
             force = True
 
 
-async def _merge_epochs(
-    store: Store, run_id: str, job: Job, root: Path, settings: EngineSettings
-) -> None:
-    """Merge every shard database under `root` into the run, release what is still
-    handed off, fire the alerts the merged spend crossed, then remove the shards."""
+async def merge_leftover_shards(store: Store, run_id: str, job: Job, *, grace_s: float) -> None:
+    """Merge every shard database a Ray run of `run_id` left (finished, stopped or
+    with its driver killed) into the run, release what is still handed off, fire
+    the alerts the merged spend crossed, then remove the shards. Needs no Ray:
+    any engine that continues the run calls it first."""
+    root = shard_root(store.path, run_id)
+    if not root.exists():
+        return
     touched = _merge_shards(store, run_id, root)
     release_hand_offs(store, run_id)
-    await _alert(store, job, touched, settings.alert_grace_s)
+    await _alert(store, job, touched, grace_s)
     shutil.rmtree(root, ignore_errors=True)
 
 

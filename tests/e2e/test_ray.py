@@ -33,7 +33,7 @@ from runner import reports
 from runner.engine import EngineSettings
 from runner.simulator import SimulatorConfig, SimulatorThread
 from runner.store import Store
-from tests.conftest import JobWriter, ledger_charges, run_cli
+from tests.conftest import SAMPLE_DATA, JobWriter, ledger_charges, run_cli
 
 ray = pytest.importorskip("ray")
 
@@ -356,3 +356,35 @@ def test_a_killed_driver_is_resumed_and_what_its_workers_finished_is_not_sent_ag
         sums = dict(db.execute("SELECT kind, SUM(amount_micros) FROM ledger GROUP BY kind"))
     assert sums["charge"] == sum(cost or 0 for *_, cost in state.values())
     assert pq.read_table(tmp_path / "out" / "result").num_rows == rows + 3
+
+
+def test_an_openai_batch_file_gets_the_same_batch_output_under_both_engines(
+    cluster: str, tmp_path: Path, write_job: JobWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, key in KEYS.items():
+        monkeypatch.setenv(name, key)
+    price = (
+        '[prices."meta-llama/Meta-Llama-3-8B-Instruct"]\ninput = 1\ncached_input = 1\noutput = 1'
+    )
+    lines = {}
+    for engine in ("local", "ray"):
+        with SimulatorThread(SimulatorConfig()) as sim:
+            job = write_job(
+                SAMPLE_DATA / "openai_batch.jsonl", base_url=sim.base_url, tenants=FAST, extra=price
+            )
+            result = runner.run_job(
+                job, run_id=engine, state=tmp_path / f"{engine}.db", engine=engine
+            )
+        assert result.exit_code == 0
+        output = tmp_path / "out" / "result.output.jsonl"
+        lines[engine] = [json.loads(line) for line in output.read_text().splitlines()]
+    assert all(line["error"] is None for line in lines["ray"])
+    answers = {  # (the completion ids and timestamps differ from run to run)
+        engine: sorted(
+            (line["custom_id"], line["response"]["status_code"], body["choices"], body["usage"])
+            for line in lines[engine]
+            for body in [line["response"]["body"]]
+        )
+        for engine in lines
+    }
+    assert len(answers["ray"]) == 82 and answers["ray"] == answers["local"]
