@@ -36,7 +36,7 @@ from runner.checkpoint import Checkpointer
 from runner.config import Job
 from runner.errors import RateLimited, RequestRejected, Retryable, TenantRefused
 from runner.ledger import Entry
-from runner.limits import TenantLimiter
+from runner.limits import Admission, TenantLimiter
 from runner.logs import log
 from runner.pricing import Price
 from runner.provider import ProviderClient
@@ -299,7 +299,7 @@ class _Lane:
         worst = self.budget.worst_case(request.model, request.prompt_estimate, request.max_tokens)
         admitted, reserved = await self._reserve(request, worst)
         attempt = first = request.attempts  # attempts count across runs; the limit per run
-        while admitted and await self._admitted_to_send(request):
+        while admitted and (admission := await self._admitted_to_send(request)) is not None:
             attempt += 1
             await engine._checkpointer.mark_sent(request.seq, attempt)
             try:
@@ -323,6 +323,8 @@ class _Lane:
                     return
                 await self._back_off(error, attempt - first)
                 continue
+            if reply.usage is not None:  # the window now counts what the provider counted
+                self.limiter.settle(admission, reply.usage.prompt_tokens + request.max_tokens)
             self._succeed(request, attempt, reply, reserved, worst)
             return
         if self.refused and not engine.stopping:
@@ -330,14 +332,20 @@ class _Lane:
         # On a stop the row stays pending or sent, its reservation held: resume
         # releases it and sends the row again.
 
-    async def _admitted_to_send(self, request: PendingRequest) -> bool:
-        """Wait for the limiter (not at all when it admits at once); False if the
+    async def _admitted_to_send(self, request: PendingRequest) -> Admission | None:
+        """Wait for the limiter (not at all when it admits at once); None if the
         lane stopped or was refused first."""
         if not self._active():
-            return False
-        return self.limiter.try_acquire(request.tpm_cost) or await self._wait(
-            self.limiter.acquire(request.tpm_cost)
-        )
+            return None
+        admission = self.limiter.try_acquire(request.tpm_cost)
+        if admission is not None:
+            return admission
+        admitted: list[Admission] = []
+
+        async def acquire() -> None:
+            admitted.append(await self.limiter.acquire(request.tpm_cost))
+
+        return admitted[0] if await self._wait(acquire()) and admitted else None
 
     async def _send(self, request: PendingRequest) -> Reply:
         """One HTTP attempt, counted as in flight while it lasts."""

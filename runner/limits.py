@@ -36,7 +36,26 @@ from dataclasses import dataclass
 import anyio
 from aiolimiter import AsyncLimiter
 
-__all__ = ["LimiterStatistics", "TenantLimiter"]
+__all__ = ["Admission", "LimiterStatistics", "TenantLimiter"]
+
+
+class Admission:
+    """One admitted request in the window log: when, and the tokens it counts."""
+
+    __slots__ = ("at", "in_log", "tokens")
+
+    def __init__(self, at: float, tokens: int) -> None:
+        self.at = at
+        self.tokens = tokens
+        self.in_log = True  # False once it left the window
+
+
+def _refund(bucket: AsyncLimiter, amount: float) -> None:
+    """Take `amount` back out of a bucket: aiolimiter offers no public way, so
+    this sets its level (covered by a test, so an aiolimiter that changes breaks
+    loudly)."""
+    bucket.has_capacity(0)  # brings the level up to date (it leaks with time)
+    bucket._level = max(0.0, bucket._level - amount)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +73,9 @@ class TenantLimiter:
 
     Use as::
 
-        await limiter.acquire(request.tpm_cost)   # waits for the pause, RPM and TPM
+        admission = await limiter.acquire(request.tpm_cost)  # the pause, RPM and TPM
         reply = await provider.send(request)
+        limiter.settle(admission, reply.usage.prompt_tokens + request.max_tokens)
 
     (The lane's `max_parallel` cap is its number of workers, so it needs no limiter.)
     Admissions are first come, first served (a FIFO lane lock): a large request is not
@@ -121,7 +141,7 @@ class TenantLimiter:
         self._rpm_bucket = AsyncLimiter(rpm_size, rpm_size * self._span_s / rpm)
         self._tpm_bucket = AsyncLimiter(tpm_size, tpm_size * self._span_s / tpm)
         self.poll_s = min(0.05, max(0.001, self._span_s / rpm / 4))
-        self._log: deque[tuple[float, int]] = deque()  # (admitted at, tokens)
+        self._log: deque[Admission] = deque()
         self._log_tokens = 0
         self._lock = anyio.Lock()
         self._paused_until = -math.inf
@@ -129,7 +149,7 @@ class TenantLimiter:
         self._admitted_requests = 0
         self._admitted_tokens = 0
 
-    async def acquire(self, tokens: int) -> None:
+    async def acquire(self, tokens: int) -> Admission:
         """Wait out any pause, then until RPM and TPM both admit `tokens`; charge both.
 
         Raises `ValueError` if `tokens` is negative or above `max_request_tokens`
@@ -137,8 +157,9 @@ class TenantLimiter:
         """
         if not 0 <= tokens <= self.max_request_tokens:
             raise ValueError(f"tokens must be in [0, {self.max_request_tokens}], got {tokens}")
-        if self.try_acquire(tokens):
-            return
+        admission = self.try_acquire(tokens)
+        if admission is not None:
+            return admission
         self._waiting += 1
         try:
             async with self._lock:
@@ -149,21 +170,34 @@ class TenantLimiter:
                         # Exactly until then, but at least 1 us: timers may fire a hair early.
                         await anyio.sleep(max(ready_at - now, 1e-6))
                     elif self._admits(now, tokens):
-                        self._take(now, tokens)
-                        return
+                        return self._take(now, tokens)
                     else:
                         await anyio.sleep(self.poll_s)
         finally:
             self._waiting -= 1
 
-    def try_acquire(self, tokens: int) -> bool:
+    def try_acquire(self, tokens: int) -> Admission | None:
         """Admit `tokens` now if nobody is queued and nothing stands in the way,
-        without suspending; False means `acquire` must wait."""
+        without suspending; None means `acquire` must wait."""
         now = anyio.current_time()
         if self._lock.locked() or not self._admits(now, tokens):
-            return False  # (the lock hands over to its waiters: unlocked means none)
-        self._take(now, tokens)
-        return True
+            return None  # (the lock hands over to its waiters: unlocked means none)
+        return self._take(now, tokens)
+
+    def settle(self, admission: Admission, tokens: int) -> None:
+        """The provider counted `tokens` for an admission charged at its estimate
+        (an upper bound): give the difference back to the window log and the TPM
+        bucket, so an estimate that overcounts costs no throughput. The count is
+        the provider's own (its `usage` prompt tokens plus the completion limit),
+        taken after it answered, so the window then matches its accounting.
+        Never charges more than the estimate."""
+        refund = admission.tokens - tokens
+        if refund <= 0:
+            return
+        admission.tokens = tokens
+        if admission.in_log:
+            self._log_tokens -= refund
+        _refund(self._tpm_bucket, refund)
 
     def _admits(self, now: float, tokens: int) -> bool:
         """Whether the pause, both logs and both buckets admit `tokens` now."""
@@ -174,7 +208,7 @@ class TenantLimiter:
             and self._tpm_bucket.has_capacity(tokens)
         )
 
-    def _take(self, now: float, tokens: int) -> None:
+    def _take(self, now: float, tokens: int) -> Admission:
         """Charge an admission that `_admits` just allowed."""
         # `AsyncLimiter.acquire` does not suspend once `has_capacity` said yes; driving
         # its coroutine by hand charges the bucket without a trip through the loop.
@@ -187,26 +221,30 @@ class TenantLimiter:
             else:
                 charge.close()
                 raise AssertionError("the bucket refused what has_capacity admitted")
-        self._log.append((now, tokens))
+        admission = Admission(now, tokens)
+        self._log.append(admission)
         self._log_tokens += tokens
         self._admitted_requests += 1
         self._admitted_tokens += tokens
+        return admission
 
     def _log_ready_at(self, now: float, tokens: int) -> float:
         """Drop expired log entries; return when the log admits one more of `tokens`."""
         log, span = self._log, self._span_s
-        while log and log[0][0] + span <= now:
-            self._log_tokens -= log.popleft()[1]
+        while log and log[0].at + span <= now:
+            expired = log.popleft()
+            expired.in_log = False
+            self._log_tokens -= expired.tokens
         # Entries that must expire first: enough for the count, then for the token sum.
         excess_requests = len(log) + 1 - self.rpm
         excess_tokens = self._log_tokens + tokens - self.tpm
         ready_at = now
-        for at, entry_tokens in log:
+        for entry in log:
             if excess_requests <= 0 and excess_tokens <= 0:
                 break
-            ready_at = at + span
+            ready_at = entry.at + span
             excess_requests -= 1
-            excess_tokens -= entry_tokens
+            excess_tokens -= entry.tokens
         return ready_at
 
     def remember(self, earlier: Iterable[tuple[float, int]]) -> None:
@@ -216,7 +254,7 @@ class TenantLimiter:
         now = anyio.current_time()
         for age, tokens in sorted(earlier, reverse=True):
             if 0 <= age < self._span_s:
-                self._log.append((now - age, tokens))
+                self._log.append(Admission(now - age, tokens))
                 self._log_tokens += tokens
 
     def pause(self, seconds: float) -> None:

@@ -379,3 +379,36 @@ async def test_sends_remembered_from_an_earlier_process_count_against_the_window
     await limiter.acquire(1)
     # the oldest remembered send (20 s ago) leaves the 60.5 s window at t0 + 40.5
     assert anyio.current_time() == pytest.approx(t0 + 40.5, abs=limiter.poll_s)
+
+
+# --- settling to the provider's count ------------------------------------------------
+
+
+async def test_settling_gives_back_what_the_estimate_overcounted_to_the_window_and_bucket() -> None:
+    # tpm 6000: the bucket holds 2 x 1000 tokens and refills 6000 / 60.5 per second.
+    limiter = make(rpm=10_000, tpm=6_000, max_request_tokens=1_000)
+    t0 = anyio.current_time()
+    first = await limiter.acquire(1_000)
+    second = await limiter.acquire(1_000)  # the bucket is full now
+    limiter.settle(first, 400)
+    limiter.settle(second, 400)  # the provider counted 800 of the 2000 charged
+    await limiter.acquire(1_000)  # fits at once: 800 + 1000 <= 2000 in the bucket
+    assert anyio.current_time() == t0
+    assert limiter.settle(second, 900) is None and second.tokens == 400  # never charges more
+    # The window counts what the provider counted: 800 + 1000, and 4 x 1000 more fit
+    # within the minute; a fifth must wait for the first two to leave the window.
+    for _ in range(4):
+        await limiter.acquire(1_000)
+    assert anyio.current_time() - t0 < 60.5
+    assert sum(entry.tokens for entry in limiter._log) == 5_800
+    await limiter.acquire(1_000)
+    assert anyio.current_time() - t0 == pytest.approx(60.5)
+
+
+async def test_a_settled_admission_that_left_the_window_changes_nothing() -> None:
+    limiter = make(rpm=10_000, tpm=6_000, max_request_tokens=1_000)
+    early = await limiter.acquire(1_000)
+    await anyio.sleep(61)
+    await limiter.acquire(500)  # drops `early` from the log
+    limiter.settle(early, 100)
+    assert limiter._log_tokens == 500
