@@ -25,7 +25,7 @@ import random
 from collections import deque
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import anyio
@@ -46,6 +46,7 @@ from runner.secrets import Secret
 from runner.store import FailedAttempt, PendingRequest, Store
 
 PAGE_ROWS = 512
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,19 +260,20 @@ class _Lane:
         for scope in self._waits:
             scope.cancel()
 
-    async def _wait(self, awaitable: Coroutine[Any, Any, None]) -> bool:
-        """Await a wait that a stop or refusal may cut short; True if the lane
-        should go on."""
+    async def _wait(self, awaitable: Coroutine[Any, Any, T]) -> T | None:
+        """Await a wait that a stop or refusal may cut short; its result, or None
+        if it was cut short or the lane should not go on."""
         if not self._active():
             awaitable.close()
-            return False
+            return None
+        result = None
         with anyio.CancelScope() as scope:
             self._waits.add(scope)
             try:
-                await awaitable
+                result = await awaitable
             finally:
                 self._waits.discard(scope)
-        return self._active()
+        return result if self._active() else None
 
     def _next(self) -> PendingRequest | None:
         """The lane's next pending row, reading the store a page at a time."""
@@ -340,12 +342,7 @@ class _Lane:
         admission = self.limiter.try_acquire(request.tpm_cost)
         if admission is not None:
             return admission
-        admitted: list[Admission] = []
-
-        async def acquire() -> None:
-            admitted.append(await self.limiter.acquire(request.tpm_cost))
-
-        return admitted[0] if await self._wait(acquire()) and admitted else None
+        return await self._wait(self.limiter.acquire(request.tpm_cost))
 
     async def _send(self, request: PendingRequest) -> Reply:
         """One HTTP attempt, counted as in flight while it lasts."""
