@@ -652,6 +652,13 @@ class Store:
             first_seq = page[-1][0] + 1
 
     @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (as `_write`) on the store's connection, for a module
+        that keeps its own tables in step with the store's (the Ray merge)."""
+        with self._write():
+            yield self.db.conn
+
+    @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
         """An IMMEDIATE transaction: it takes the write lock first, so a balance it
         reads cannot change before it writes, even with other processes. A locked

@@ -17,13 +17,12 @@ shard can never spend more. `merge` releases a tenant's hand-off in the same
 transaction that brings its charges in.
 
 This module speaks SQL to the `Store`'s tables directly (ATTACH of a shard
-database, bulk copies); it keeps the store's rules: IMMEDIATE transactions, and
-no bare `sqlite3` error leaves it.
+database, bulk copies); it keeps the store's rules: its writes go through
+`Store.transaction()`, and no bare `sqlite3` error leaves it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sqlite3
 from collections.abc import Collection, Iterator, Mapping
@@ -132,7 +131,7 @@ def hand_off(
     gets. Hand-offs a killed driver left behind are released first."""
     now = now or datetime.now(UTC)
     caps: dict[str, int] = {}
-    with _transaction(store) as conn:
+    with store.transaction() as conn:
         _release_hand_offs(conn, run_id, None)
         for tenant in sorted(tenants):
             config = job.tenants.get(tenant)
@@ -151,7 +150,7 @@ def hand_off(
 def release_hand_offs(store: Store, run_id: str) -> None:
     """Give back every budget still handed to the run's workers (a shard that
     never started has nothing to merge)."""
-    with _transaction(store) as conn:
+    with store.transaction() as conn:
         _release_hand_offs(conn, run_id, None)
 
 
@@ -209,7 +208,7 @@ def load_shard(store: Store, run_id: str, job: Job, shard: Path, input_format: s
         ]
         store.register(run_id, requests, [], no_columns, records[0]["seq"])
         counters = [(r["attempts"], r["resends"], run_id, r["seq"]) for r in records]
-        with _transaction(store) as conn:
+        with store.transaction() as conn:
             conn.executemany(
                 "UPDATE requests SET attempts = ?, resends = ? WHERE run_id = ? AND seq = ?",
                 [c for c in counters if c[0] or c[1]],
@@ -233,7 +232,7 @@ def merge(store: Store, run_id: str, shard_db: Path, tag: str) -> set[tuple[str,
     except sqlite3.Error as exc:
         raise StateError(f"{shard_db}: cannot open the shard database: {exc}") from None
     try:
-        with _transaction(store) as conn:
+        with store.transaction() as conn:
             _merge_requests(conn, run_id)
             touched = _merge_ledger(conn, run_id, tag)
             tenants = {t for (t,) in conn.execute("SELECT DISTINCT tenant FROM shard.requests")}
@@ -320,25 +319,6 @@ def _read(store: Store, sql: str, params: list[object]) -> list[tuple[Any, ...]]
     try:
         return list(store.db.execute(sql, params).fetchall())
     except sqlite3.Error as exc:
-        raise StateError(f"{store.path}: {exc}") from None
-
-
-@contextlib.contextmanager
-def _transaction(store: Store) -> Iterator[sqlite3.Connection]:
-    """An IMMEDIATE transaction on the store's connection, as the store's own
-    writes use; a locked or broken database becomes a `StateError`."""
-    conn = store.db.conn
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-    except sqlite3.Error as exc:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
         raise StateError(f"{store.path}: {exc}") from None
 
 
