@@ -115,6 +115,48 @@ def first_request_after(sim: Simulator, running: Running, *, seen: int, poll_s: 
     return time.monotonic() - running.started
 
 
+@dataclass(frozen=True)
+class Sending:
+    """How one client drained an input: the requests the server got, its answers,
+    the seconds from the first request to the last answer, and the wall time of
+    the client's whole process."""
+
+    requests: int
+    answers: int
+    sending_s: float
+    wall_s: float
+
+
+def bare_loop(work: Path, *options: str, concurrency: int, max_tokens: int = 16) -> Sending:
+    """`bare_loop.py` over `work`/in.jsonl against a fresh `simulator(*options)`."""
+    with simulator(*options) as sim:
+        script = str(Path(__file__).with_name("bare_loop.py"))
+        args = [sys.executable, script, sim.base_url, "in.jsonl", str(concurrency), str(max_tokens)]
+        done = check(measure(args, cwd=work), "the bare loop")
+    report = json.loads(done.stdout)
+    return Sending(report["requests"], report["ok"], report["seconds"], done.wall_s)
+
+
+def runner_submit(
+    work: Path, *options: str, tenants: Sequence[str], max_parallel: int, run_id: str
+) -> Sending:
+    """`runner submit` of `work`/in.jsonl (limits that never bind) against a fresh
+    `simulator(*options)`; the sending time as the server saw it."""
+    with simulator(*options) as sim:
+        limits = unlimited(tenants, max_parallel)
+        job = write_job(work, sim.base_url, limits, input_name="in.jsonl")
+        submit = runner_cli("submit", str(job), "--run-id", run_id)
+        done = check(measure(submit, cwd=work, env=key_env(tenants)), "runner")
+        stats = sim.stats(brief=True)
+    span = max(stats["last_ok_at"].values()) - min(stats["first_ok_at"].values())
+    return Sending(stats["requests"], answered(stats), span, done.wall_s)
+
+
+def answered(stats: Mapping[str, Any]) -> int:
+    """The ok answers the simulator gave, over all keys."""
+    return sum(entry["ok"] for entry in stats["per_key"].values())
+
+
 def runner_cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "runner", *args]
 

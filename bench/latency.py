@@ -13,22 +13,10 @@ process is printed too. Target: >= 0.90 of the bound.
 
 from __future__ import annotations
 
-import json
-import sys
 import tempfile
 from pathlib import Path
 
-from common import (
-    check,
-    key_env,
-    measure,
-    runner_cli,
-    short_rows,
-    simulator,
-    unlimited,
-    write_job,
-    write_jsonl,
-)
+from common import bare_loop, runner_submit, short_rows, write_jsonl
 
 TENANTS = [f"t{i:02}" for i in range(20)]
 MAX_PARALLEL = 50
@@ -46,8 +34,13 @@ def run(quick: bool) -> list[str]:
         with tempfile.TemporaryDirectory() as folder:
             work = Path(folder)
             write_jsonl(work / "in.jsonl", short_rows(rows, TENANTS))
-            bare = _bare_rate(work, latency_s)
-            runner, wall = _runner_rate(work, latency_s)
+            latency = ("--latency", str(latency_s))
+            done = bare_loop(work, *latency, concurrency=CONCURRENCY)
+            bare = done.answers / done.sending_s
+            sent = runner_submit(
+                work, *latency, tenants=TENANTS, max_parallel=MAX_PARALLEL, run_id="latency"
+            )
+            runner, wall = sent.answers / (sent.sending_s + latency_s), sent.wall_s
         ratio = runner / bound
         lines += [
             f"  {latency_s * 1000:.0f} ms per answer, {rows} requests: bound {bound:.0f} req/s",
@@ -58,25 +51,3 @@ def run(quick: bool) -> list[str]:
             f" runner / bare {runner / bare:.2f}",
         ]
     return lines
-
-
-def _bare_rate(work: Path, latency_s: float) -> float:
-    """The bare loop's rate from its first request to its last answer."""
-    with simulator("--latency", str(latency_s)) as sim:
-        bare_loop = str(Path(__file__).with_name("bare_loop.py"))
-        args = [sys.executable, bare_loop, sim.base_url, "in.jsonl", str(CONCURRENCY), "16"]
-        report = json.loads(check(measure(args, cwd=work), "the bare loop").stdout)
-    return float(report["ok"] / report["seconds"])
-
-
-def _runner_rate(work: Path, latency_s: float) -> tuple[float, float]:
-    """The runner's rate from its first to its last answer as the server saw
-    them, and the wall time of the whole process."""
-    with simulator("--latency", str(latency_s)) as sim:
-        job = write_job(work, sim.base_url, unlimited(TENANTS, MAX_PARALLEL), input_name="in.jsonl")
-        submit = runner_cli("submit", str(job), "--run-id", "latency")
-        wall = check(measure(submit, cwd=work, env=key_env(TENANTS)), "runner").wall_s
-        stats = sim.stats(brief=True)
-    answers = sum(entry["ok"] for entry in stats["per_key"].values())
-    span = max(stats["last_ok_at"].values()) - min(stats["first_ok_at"].values())
-    return answers / (span + latency_s), wall

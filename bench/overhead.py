@@ -14,23 +14,12 @@ registration of the input and writing the output). Target: >= 0.60.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-from common import (
-    check,
-    key_env,
-    measure,
-    runner_cli,
-    short_rows,
-    simulator,
-    unlimited,
-    write_job,
-    write_jsonl,
-)
+from common import bare_loop, runner_submit, short_rows, write_jsonl
 
 TENANTS = [f"t{i}" for i in range(10)]
 MAX_PARALLEL = 32  # per tenant; the bare loop gets the same 320 connections
@@ -45,12 +34,16 @@ def run(quick: bool) -> list[str]:
         work = Path(folder)
         write_jsonl(work / "in.jsonl", short_rows(rows, TENANTS))
         for round_ in range(rounds):
-            sending, whole = _bare(work)
-            bare_sending.append(sending)
-            bare_whole.append(whole)
-            sending, whole = _runner(work, f"overhead-{round_}", rows)
-            runner_sending.append(sending)
-            runner_whole.append(whole)
+            bare = bare_loop(work, concurrency=CONCURRENCY)
+            bare_sending.append(bare.sending_s)
+            bare_whole.append(bare.wall_s)
+            runner = runner_submit(
+                work, tenants=TENANTS, max_parallel=MAX_PARALLEL, run_id=f"overhead-{round_}"
+            )
+            if runner.requests != rows:
+                sys.exit(f"runner sent {runner.requests} requests for {rows} rows")
+            runner_sending.append(runner.sending_s)
+            runner_whole.append(runner.wall_s)
     lines = [
         f"overhead: {rows} requests over {len(TENANTS)} tenants, {CONCURRENCY} connections,"
         f" zero latency, median of {rounds}"
@@ -66,25 +59,3 @@ def run(quick: bool) -> list[str]:
             f" ratio {ratio:.2f} (target >= {TARGET:.2f}) {'ok' if ratio >= TARGET else 'MISSED'}"
         )
     return lines
-
-
-def _bare(work: Path) -> tuple[float, float]:
-    """(seconds from the first request to the last answer, seconds of the process)."""
-    with simulator() as sim:
-        bare_loop = str(Path(__file__).with_name("bare_loop.py"))
-        args = [sys.executable, bare_loop, sim.base_url, "in.jsonl", str(CONCURRENCY), "16"]
-        done = check(measure(args, cwd=work), "the bare loop")
-    return float(json.loads(done.stdout)["seconds"]), done.wall_s
-
-
-def _runner(work: Path, run_id: str, rows: int) -> tuple[float, float]:
-    """The same two spans for `runner submit`, the first as the server saw it."""
-    with simulator() as sim:
-        job = write_job(work, sim.base_url, unlimited(TENANTS, MAX_PARALLEL), input_name="in.jsonl")
-        submit = runner_cli("submit", str(job), "--run-id", run_id)
-        done = check(measure(submit, cwd=work, env=key_env(TENANTS)), "runner")
-        stats = sim.stats(brief=True)
-    if stats["requests"] != rows:
-        sys.exit(f"runner sent {stats['requests']} requests for {rows} rows")
-    span = max(stats["last_ok_at"].values()) - min(stats["first_ok_at"].values())
-    return span, done.wall_s

@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from common import (
     Running,
+    answered,
     check,
     first_request_after,
     key_env,
@@ -42,13 +43,13 @@ def run(quick: bool) -> list[str]:
         job = write_job(work, sim.base_url, limits, input_name="in.parquet", max_tokens=64)
         env = key_env(TENANTS)
         first = Running(runner_cli("submit", str(job), "--run-id", "big"), cwd=work, env=env)
-        while _answered(sim.stats(brief=True)) < rows / 2:
+        while answered(sim.stats(brief=True)) < rows / 2:
             if first.process.poll() is not None:
                 raise SystemExit(f"the run ended before half of it:\n{first.wait().stderr[-2000:]}")
             time.sleep(0.2)
         first.process.send_signal(signal.SIGKILL)
         first.wait()
-        answered_before = _answered(sim.stats(brief=True))
+        answered_before = answered(sim.stats(brief=True))
         (work / "in.parquet").rename(work / "moved-away.parquet")
         seen = sim.stats(brief=True)["requests"]
         resume = runner_cli("resume", "big", "--state", str(work / "state.db"))
@@ -68,9 +69,3 @@ def run(quick: bool) -> list[str]:
         f" resume took {done.wall_s:.1f}s",
         f"  output: {output.num_rows} rows for {rows} input rows, statuses {sorted(statuses)}",
     ]
-
-
-def _answered(stats: dict[str, object]) -> int:
-    per_key = stats["per_key"]
-    assert isinstance(per_key, dict)
-    return sum(entry["ok"] for entry in per_key.values())
