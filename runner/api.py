@@ -325,6 +325,8 @@ async def _execute(
             settings=settings,
             retry_failed=retry_failed,
         )
+    if not execution.interrupted:
+        store.release_free_pages()  # where the answered requests' bodies were
     return RunResult(
         run_id=run_id,
         state=store.path,

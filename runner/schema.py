@@ -124,3 +124,26 @@ def m002_indexes_for_a_million_rows(db: Database) -> None:
             WHERE prompt_estimate IS NOT NULL GROUP BY run_id, tenant;
         """
     )
+
+
+@migrations()
+def m003_bodies_until_answered(db: Database) -> None:
+    """A request's payload is kept only until it is answered: the bodies move to
+    their own table, whose rows are deleted as their requests end `done`, so
+    the pages they held are reused and, at a run's end, given back to the file
+    system. A database holding a finished run then holds its responses and
+    state, not a second copy of the input."""
+    db.executescript(
+        """
+        CREATE TABLE request_bodies (     -- the request as sent (JSON), while not done
+            run_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            body TEXT NOT NULL,
+            PRIMARY KEY (run_id, seq)
+        );
+        INSERT INTO request_bodies
+            SELECT run_id, seq, body FROM requests
+            WHERE body IS NOT NULL AND status NOT IN ('done', 'rejected');
+        ALTER TABLE requests DROP COLUMN body;
+        """
+    )

@@ -34,7 +34,7 @@ from sqlite_utils import Database
 from runner import ledger
 from runner.errors import StateError
 from runner.ledger import Balance, Entry, Kind
-from runner.records import Outcome, Rejection, Request
+from runner.records import Outcome, Rejection, Request, Status
 from runner.schema import migrations
 
 T = TypeVar("T")
@@ -126,6 +126,9 @@ class Store:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = Database(self.path)
+            # Takes effect on a new database, or on an old one at its next VACUUM
+            # (`runner prune`): freed pages can then be handed back without one.
+            self.db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA busy_timeout=10000")
@@ -250,13 +253,29 @@ class Store:
                 removed += self.db.execute(
                     "DELETE FROM requests WHERE run_id = ?", [run_id]
                 ).rowcount
-                for table in ("attempts", "carried", "run_tenants"):
+                for table in ("request_bodies", "attempts", "carried", "run_tenants"):
                     self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
                 self.db.execute(
                     "UPDATE runs SET phase = 'pruned', updated_at = ? WHERE run_id = ?",
                     [utc_now(), run_id],
                 )
         return runs, removed
+
+    def release_free_pages(self, *, pages_per_commit: int = 8192) -> int:
+        """Hand the pages that deleted rows (answered requests' bodies) left free
+        back to the file system, a few thousand per transaction so that the
+        write-ahead log stays small. Returns how many were released; none on a
+        database created before auto-vacuum until it is vacuumed once."""
+        released = 0
+        while True:
+            with self._write():
+                free = int(self.db.execute("PRAGMA freelist_count").fetchone()[0])
+                auto = int(self.db.execute("PRAGMA auto_vacuum").fetchone()[0])
+                if not free or auto != _INCREMENTAL:
+                    return released
+                # (each step of the pragma frees one page: fetch them all)
+                self.db.execute(f"PRAGMA incremental_vacuum({pages_per_commit})").fetchall()
+            released += min(free, pages_per_commit)
 
     def vacuum(self) -> None:
         """Give the space of deleted rows back to the file system."""
@@ -287,6 +306,7 @@ class Store:
             self._release_reservations(run_id)
             for table in (
                 "requests",
+                "request_bodies",
                 "attempts",
                 "carried",
                 "run_tenants",
@@ -313,7 +333,7 @@ class Store:
         with self._write():
             self.db.conn.executemany(
                 "INSERT INTO requests (run_id, seq, row_id, tenant, model, source, status,"
-                " body, prompt_estimate, max_tokens) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+                " prompt_estimate, max_tokens) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
                 [
                     (
                         run_id,
@@ -322,10 +342,16 @@ class Store:
                         r.tenant,
                         r.model,
                         r.where,
-                        json.dumps(r.body, ensure_ascii=False, separators=(",", ":")),
                         r.prompt_tokens_estimate,
                         r.max_tokens,
                     )
+                    for r in requests
+                ],
+            )
+            self.db.conn.executemany(
+                "INSERT INTO request_bodies (run_id, seq, body) VALUES (?, ?, ?)",
+                [
+                    (run_id, r.seq, json.dumps(r.body, ensure_ascii=False, separators=(",", ":")))
                     for r in requests
                 ],
             )
@@ -380,7 +406,7 @@ class Store:
                     FROM requests WHERE run_id = :run
                 )
                 UPDATE requests
-                SET status = 'rejected', body = NULL,
+                SET status = 'rejected',
                     error = requests.source || ': duplicate id ' || quote(ranked.row_id)
                             || ' (first seen at ' || ranked.first || ')'
                 FROM ranked
@@ -389,7 +415,14 @@ class Store:
                 {"run": run_id},
             )
             # (a statement that starts with WITH reports no rowcount in sqlite3)
-            return int(self.db.execute("SELECT changes()").fetchone()[0])
+            rejected = int(self.db.execute("SELECT changes()").fetchone()[0])
+            if rejected:
+                self.db.execute(
+                    "DELETE FROM request_bodies WHERE run_id = ? AND seq IN"
+                    " (SELECT seq FROM requests WHERE run_id = ? AND status = 'rejected')",
+                    [run_id, run_id],
+                )
+            return rejected
 
     # -- the run --------------------------------------------------------------
 
@@ -474,7 +507,8 @@ class Store:
         self, run_id: str, tenant: str, *, after_seq: int, limit: int
     ) -> list[PendingRequest]:
         rows = self.db.execute(
-            "SELECT seq, model, body, prompt_estimate, max_tokens, attempts FROM requests"
+            "SELECT seq, model, body, prompt_estimate, max_tokens, attempts"
+            " FROM requests JOIN request_bodies USING (run_id, seq)"
             " WHERE run_id = ? AND tenant = ? AND status = 'pending' AND seq > ?"
             " ORDER BY seq LIMIT ?",
             [run_id, tenant, after_seq, limit],
@@ -486,7 +520,7 @@ class Store:
         run_id: str,
         *,
         sends: Sequence[SendMark] = (),
-        outcomes: Iterable[Outcome] = (),
+        outcomes: Sequence[Outcome] = (),
         failures: Iterable[FailedAttempt] = (),
         entries: Iterable[Entry] = (),
     ) -> dict[int, Balance]:
@@ -507,6 +541,10 @@ class Store:
                 " reserved_micros = NULL, reserved_period = NULL"
                 " WHERE run_id = ? AND seq = ?",
                 [(*_outcome_values(outcome), run_id, outcome.seq) for outcome in outcomes],
+            )
+            conn.executemany(
+                "DELETE FROM request_bodies WHERE run_id = ? AND seq = ?",
+                [(run_id, outcome.seq) for outcome in outcomes if outcome.status is Status.DONE],
             )
             conn.executemany(
                 "INSERT INTO attempts (run_id, seq, attempt, at, http_status, error)"
@@ -677,6 +715,8 @@ class Store:
                 conn.execute("ROLLBACK")
             raise StateError(f"{self.path}: {exc}") from None
 
+
+_INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
 
 RESULT_COLUMNS = (
     "seq",

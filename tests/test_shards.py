@@ -96,7 +96,9 @@ def test_a_shard_runs_on_its_own_database_and_merges_into_the_run_exactly_once(
     kinds = [kind for _, _, kind, _, seq in once if seq is None]
     assert kinds == ["reserve", "release"]  # the hand-off, once each
     attempts = store.db.execute(
-        "SELECT DISTINCT attempts, resends FROM requests WHERE body IS NOT NULL"
+        "SELECT DISTINCT attempts, resends FROM requests WHERE status = 'done'"
     )
     assert attempts.fetchall() == [(1, 0)]
+    bodies = store.db.execute("SELECT COUNT(*) FROM request_bodies WHERE run_id = 'r'")
+    assert bodies.fetchone() == (0,)  # the merged rows are done: no request kept
     store.close()

@@ -93,6 +93,50 @@ def test_a_checkpoint_commits_outcomes_failures_and_charges_together(store: Stor
     assert store.db.execute("SELECT attempt, http_status FROM attempts").fetchall() == [(1, 503)]
 
 
+def kept_bodies(store: Store) -> dict[int, str]:
+    rows = store.db.execute("SELECT seq, body FROM request_bodies WHERE run_id = 'r'")
+    return dict(rows.fetchall())
+
+
+def test_a_request_is_kept_until_it_is_done_and_no_longer(store: Store) -> None:
+    """Rejected rows never keep one; a failed or deferred row keeps its request
+    for a later resume; a done row's request goes in the checkpoint that
+    records its answer."""
+    assert sorted(kept_bodies(store)) == [0, 1, 2, 4]
+    store.reject_duplicate_ids("r")
+    assert sorted(kept_bodies(store)) == [0, 1, 4]
+    store.checkpoint(
+        "r",
+        outcomes=[
+            Outcome(0, Status.DONE, 1, response="hi", usage=Usage(8, 1), cost_micros=3),
+            Outcome(1, Status.FAILED, 3, error="HTTP 400"),
+        ],
+    )
+    assert sorted(kept_bodies(store)) == [1, 4]
+    store.defer_tenant("r", "acme", "budget exhausted")
+    store.requeue("r", retry_failed=True)
+    (globex,) = store.pending_page("r", "globex", after_seq=-1, limit=5)
+    assert (globex.seq, globex.body) == (1, kept_bodies(store)[1])
+    assert '"content":"x"' in globex.body
+    assert [p.seq for p in store.pending_page("r", "acme", after_seq=-1, limit=5)] == [4]
+
+
+def test_the_pages_of_answered_requests_go_back_to_the_file_system(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    new_run(store)
+    body = {"model": "m", "messages": [{"role": "user", "content": "q" * 2000}]}
+    requests = [Request(seq, str(seq), "acme", "m", "in:1", body, 500, 1) for seq in range(3000)]
+    store.register("r", requests, [], pa.record_batch({"n": [0]}), first_seq=0)
+    registered = store.db.execute("PRAGMA page_count").fetchone()[0]
+    outcomes = [Outcome(seq, Status.DONE, 1, response="a") for seq in range(3000)]
+    store.checkpoint("r", outcomes=outcomes)
+    assert store.release_free_pages(pages_per_commit=100) > 0
+    assert store.db.execute("PRAGMA freelist_count").fetchone() == (0,)
+    # 3,000 requests of 2 KB were registered; what stays is their short answers.
+    assert store.db.execute("PRAGMA page_count").fetchone()[0] < registered / 10
+    assert store.release_free_pages() == 0
+
+
 def test_carried_columns_come_back_as_registered(store: Store) -> None:
     ((first_seq, batch),) = list(store.carried_batches("r"))
     assert first_seq == 0 and batch.column("n").to_pylist() == [0, 1, 2, 3, 4]
@@ -155,6 +199,38 @@ def test_a_database_of_the_first_release_gains_the_per_tenant_costs_and_indexes(
     indexes = {name for (name,) in store.db.execute("SELECT name FROM sqlite_master")}
     assert {"requests_status", "requests_reserved"} <= indexes
     assert "requests_lane" not in indexes
+
+
+def test_a_database_of_the_second_release_keeps_only_the_requests_still_to_answer(
+    tmp_path: Path,
+) -> None:
+    db = Database(tmp_path / "state.db")
+    migrations.apply(db, stop_before="m003_bodies_until_answered")
+    db.execute(
+        "INSERT INTO runs (run_id, job_name, job_json, input_path, input_format, input_hash,"
+        " output_path, phase, created_at, updated_at)"
+        " VALUES ('old', 'j', '{}', 'in', 'jsonl', 'h', 'out', 'interrupted', 't', 't')"
+    )
+    for seq, status, body in [
+        (0, "done", '{"n":0}'),
+        (1, "pending", '{"n":1}'),
+        (2, "rejected", None),
+        (3, "failed", '{"n":3}'),
+    ]:
+        db.execute(
+            "INSERT INTO requests (run_id, seq, row_id, tenant, model, source, status, body,"
+            " prompt_estimate, max_tokens) VALUES ('old', ?, ?, 'acme', 'm', 's', ?, ?, 5, 5)",
+            [seq, str(seq), status, body],
+        )
+    db.conn.commit()
+    db.close()
+    store = Store(tmp_path / "state.db")
+    bodies = store.db.execute("SELECT seq, body FROM request_bodies WHERE run_id = 'old'")
+    assert bodies.fetchall() == [(1, '{"n":1}'), (3, '{"n":3}')]
+    columns = {row[1] for row in store.db.execute("PRAGMA table_info(requests)")}
+    assert "body" not in columns and "response" in columns
+    pending = store.pending_page("old", "acme", after_seq=-1, limit=5)
+    assert [(p.seq, p.body) for p in pending] == [(1, '{"n":1}')]
 
 
 def test_resuming_a_run_reads_no_finished_row(store: Store) -> None:

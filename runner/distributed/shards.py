@@ -109,7 +109,8 @@ def write_shard(store: Store, run_id: str, tenants: Collection[str], path: Path)
     rows = 0
     try:
         cursor = store.db.execute(
-            f"SELECT {', '.join(SHARD_SCHEMA.names)} FROM requests"
+            f"SELECT {', '.join(SHARD_SCHEMA.names)}"
+            " FROM requests JOIN request_bodies USING (run_id, seq)"
             f" WHERE run_id = ? AND status = 'pending' AND tenant IN ({marks}) ORDER BY seq",
             [run_id, *sorted(tenants)],
         )
@@ -244,13 +245,19 @@ def merge(store: Store, run_id: str, shard_db: Path, tag: str) -> set[tuple[str,
 
 def _merge_requests(conn: sqlite3.Connection, run_id: str) -> None:
     """Outcomes of rows the shard worked on; a row the run finished meanwhile
-    (by another engine) keeps its outcome. Failed attempts are added once."""
+    (by another engine) keeps its outcome. Failed attempts are added once; the
+    bodies of rows now done are no longer needed."""
     assignments = ", ".join(f"{column} = s.{column}" for column in _OUTCOME_COLUMNS)
     conn.execute(
         f"UPDATE requests SET {assignments} FROM shard.requests AS s"
         " WHERE requests.run_id = :run AND s.run_id = :run AND requests.seq = s.seq"
         " AND s.status != 'pending' AND requests.status != 'done'"
         " AND s.attempts >= requests.attempts",
+        {"run": run_id},
+    )
+    conn.execute(
+        "DELETE FROM request_bodies WHERE run_id = :run AND seq IN"
+        " (SELECT seq FROM shard.requests WHERE run_id = :run AND status = 'done')",
         {"run": run_id},
     )
     conn.execute(

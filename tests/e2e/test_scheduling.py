@@ -296,6 +296,11 @@ def test_a_folder_job_that_stopped_early_continues_that_run_first(
     with sqlite3.connect(tmp_path / "state.db") as db:  # as a kill mid-run leaves it
         db.execute("UPDATE runs SET phase = 'interrupted'")
         db.execute("UPDATE requests SET status = 'sent' WHERE seq >= 2")
+        db.execute(  # (a request in flight is kept until it is answered)
+            "INSERT INTO request_bodies (run_id, seq, body) SELECT run_id, seq, json_object("
+            "'model', model, 'messages', json_array(json_object('role', 'user', 'content', 'Q?'))"
+            ") FROM requests WHERE seq >= 2"
+        )
     again = run_cli("submit", str(job), cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "continuing the unfinished run test-" in again.stderr
