@@ -1,5 +1,7 @@
-"""The money ledger: one row per reservation, release, charge, hold and top-up,
-and a balance per tenant and budget period kept equal to the ledger's sums.
+"""The money ledger: rows of reservations, releases, charges, holds and top-ups,
+and a balance per tenant and budget period kept equal to the ledger's sums. A
+transaction's entries of one kind, tenant, run, model and price share a row that
+counts its requests, so the ledger grows by checkpoints, not by requests.
 
 Kinds and what they do to a balance:
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 
@@ -60,6 +62,7 @@ class Entry:
     cached_tokens: int | None = None
     completion_tokens: int | None = None
     prices: tuple[int, int, int] | None = None  # input, cached input, output per M
+    requests: int = 1  # how many requests' entries the row sums
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,36 +135,45 @@ CREATE TABLE alerts (
 
 
 def record(conn: sqlite3.Connection, entries: Iterable[Entry], at: str) -> None:
-    """Append entries and move their balances; call inside a transaction."""
-    rows = []
+    """Append entries and move their balances; call inside a transaction.
+
+    Entries that differ only in their request (`seq`), amount and tokens are
+    summed into one row that counts its requests: a checkpoint of a thousand
+    answers adds a row per tenant, model and price, not a thousand, and every
+    total a report or invoice reads is unchanged. The request rows keep each
+    request's own cost and usage."""
+    summed: dict[tuple[object, ...], Entry] = {}
     deltas: dict[tuple[str, str, str], int] = {}
     for entry in entries:
-        prices = entry.prices or (None, None, None)
-        rows.append(
-            (
-                entry.tenant,
-                entry.period,
-                entry.kind.value,
-                entry.amount_micros,
-                entry.model,
-                entry.run_id,
-                entry.seq,
-                entry.reason,
-                entry.prompt_tokens,
-                entry.cached_tokens,
-                entry.completion_tokens,
-                *prices,
-                at,
-            )
-        )
+        key = _sum_key(entry)
+        earlier = summed.get(key)
+        summed[key] = entry if earlier is None else _sum(earlier, entry)
         column, sign = _EFFECT[entry.kind]
-        key = (entry.tenant, entry.period, column)
-        deltas[key] = deltas.get(key, 0) + sign * entry.amount_micros
+        balance_key = (entry.tenant, entry.period, column)
+        deltas[balance_key] = deltas.get(balance_key, 0) + sign * entry.amount_micros
     conn.executemany(
         "INSERT INTO ledger (tenant, period, kind, amount_micros, model, run_id, seq, reason,"
         " prompt_tokens, cached_tokens, completion_tokens, price_input, price_cached_input,"
-        " price_output, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        rows,
+        " price_output, requests, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                e.tenant,
+                e.period,
+                e.kind.value,
+                e.amount_micros,
+                e.model,
+                e.run_id,
+                e.seq,
+                e.reason,
+                e.prompt_tokens,
+                e.cached_tokens,
+                e.completion_tokens,
+                *(e.prices or (None, None, None)),
+                e.requests,
+                at,
+            )
+            for e in summed.values()
+        ],
     )
     for (tenant, period, column), delta in deltas.items():
         conn.execute(
@@ -169,6 +181,30 @@ def record(conn: sqlite3.Connection, entries: Iterable[Entry], at: str) -> None:
             f" ON CONFLICT (tenant, period) DO UPDATE SET {column} = {column} + excluded.{column}",
             (tenant, period, delta),
         )
+
+
+def _sum_key(entry: Entry) -> tuple[object, ...]:
+    """What entries share to be summed into one row."""
+    e = entry
+    return (e.tenant, e.period, e.kind, e.model, e.run_id, e.reason, e.prices)
+
+
+def _sum(a: Entry, b: Entry) -> Entry:
+    """One entry for both (of the same tenant, period, kind, model, run, reason and
+    prices); it names no single request."""
+    return replace(
+        a,
+        seq=None,
+        amount_micros=a.amount_micros + b.amount_micros,
+        prompt_tokens=_plus(a.prompt_tokens, b.prompt_tokens),
+        cached_tokens=_plus(a.cached_tokens, b.cached_tokens),
+        completion_tokens=_plus(a.completion_tokens, b.completion_tokens),
+        requests=a.requests + b.requests,
+    )
+
+
+def _plus(a: int | None, b: int | None) -> int | None:
+    return None if a is None and b is None else (a or 0) + (b or 0)
 
 
 def set_cap(conn: sqlite3.Connection, tenant: str, period: str, cap_micros: int) -> None:
@@ -223,12 +259,12 @@ def month_summary(conn: sqlite3.Connection, month: str) -> list[TenantMonth]:
     rows = conn.execute(
         """
         SELECT l.tenant,
-               SUM(l.kind IN ('charge', 'hold')),
+               TOTAL(CASE WHEN l.kind IN ('charge', 'hold') THEN l.requests END),
                TOTAL(CASE WHEN l.kind = 'charge' THEN l.prompt_tokens END),
                TOTAL(CASE WHEN l.kind = 'charge' THEN l.cached_tokens END),
                TOTAL(CASE WHEN l.kind = 'charge' THEN l.completion_tokens END),
                TOTAL(CASE WHEN l.kind = 'charge' THEN l.amount_micros END),
-               SUM(l.kind = 'hold'),
+               TOTAL(CASE WHEN l.kind = 'hold' THEN l.requests END),
                TOTAL(CASE WHEN l.kind = 'hold' THEN l.amount_micros END),
                TOTAL(CASE WHEN l.kind = 'topup' AND l.period = :month THEN l.amount_micros END),
                (SELECT cap_micros FROM balances b WHERE b.tenant = l.tenant AND b.period = :month)
@@ -268,7 +304,7 @@ class InvoiceLine:
 
 def invoice_lines(conn: sqlite3.Connection, tenant: str, month: str) -> list[InvoiceLine]:
     rows = conn.execute(
-        "SELECT model, price_input, price_cached_input, price_output, COUNT(*),"
+        "SELECT model, price_input, price_cached_input, price_output, TOTAL(requests),"
         " TOTAL(prompt_tokens), TOTAL(cached_tokens), TOTAL(completion_tokens),"
         " TOTAL(amount_micros) FROM ledger"
         " WHERE tenant = ? AND kind = 'charge' AND substr(at, 1, 7) = ?"

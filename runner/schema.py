@@ -147,3 +147,10 @@ def m003_bodies_until_answered(db: Database) -> None:
         ALTER TABLE requests DROP COLUMN body;
         """
     )
+
+
+@migrations()
+def m004_ledger_rows_sum_requests(db: Database) -> None:
+    """A ledger row may sum the entries of many requests (see `ledger.record`); it
+    says how many. Every row written before covers one."""
+    db.execute("ALTER TABLE ledger ADD COLUMN requests INTEGER NOT NULL DEFAULT 1")

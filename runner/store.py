@@ -23,7 +23,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -553,14 +553,21 @@ class Store:
             )
             ledger.record(conn, entries, now)
             marked = []
+            reservations: list[Entry] = []
+            reserving: dict[tuple[str, str], int] = {}  # (tenant, period) -> micros
             for mark in sends:
                 reservation = mark.reservation
                 if reservation is not None:
-                    current = ledger.balance(conn, reservation.tenant, reservation.period)
+                    key = (reservation.tenant, reservation.period)
+                    current = ledger.balance(conn, *key)
+                    current = replace(
+                        current, reserved_micros=current.reserved_micros + reserving.get(key, 0)
+                    )
                     if current.available_micros(mark.cap_micros) < reservation.amount_micros:
                         refused[mark.seq] = current
                         continue
-                    ledger.record(conn, [reservation], now)
+                    reserving[key] = reserving.get(key, 0) + reservation.amount_micros
+                    reservations.append(reservation)
                     conn.execute(
                         "UPDATE requests SET reserved_micros = ?, reserved_period = ?"
                         " WHERE run_id = ? AND seq = ?",
@@ -568,6 +575,7 @@ class Store:
                     )
                 if mark.attempt is not None:
                     marked.append((mark.attempt, sent_at, run_id, mark.seq))
+            ledger.record(conn, reservations, now)
             conn.executemany(
                 "UPDATE requests SET status = 'sent', attempts = ?, sent_at = ?"
                 " WHERE run_id = ? AND seq = ?",

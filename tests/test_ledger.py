@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,10 +13,10 @@ from hypothesis import strategies as st
 
 from runner.budget import BudgetGuard
 from runner.config import Tenant
-from runner.ledger import Entry, Kind, period_of
+from runner.ledger import Entry, Kind, invoice_lines, month_summary, period_of
 from runner.pricing import price_from_usd
 from runner.records import Request
-from runner.store import SendMark, Store
+from runner.store import SendMark, Store, utc_now
 from tests.conftest import new_run
 
 CAP = 1_000
@@ -110,6 +111,67 @@ def test_requeue_releases_the_reservations_of_rows_in_flight(tmp_path: Path) -> 
     assert store.balance("acme", "2026-12").reserved_micros == 0
     kinds = [kind for (kind,) in store.db.execute("SELECT kind FROM ledger ORDER BY id")]
     assert kinds == ["reserve", "release"]
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(amounts=st.lists(st.integers(0, 600), min_size=1, max_size=10))
+def test_reservations_of_one_checkpoint_count_against_each_other(
+    tmp_path_factory: pytest.TempPathFactory, amounts: list[int]
+) -> None:
+    """A checkpoint's reservations are summed into one ledger row, but each is
+    checked against the cap with the ones before it counted."""
+    store = new_store(tmp_path_factory.mktemp("ledger") / "state.db", 10)
+    marks = [
+        SendMark(seq, reservation=Entry("acme", "2026-12", Kind.RESERVE, a, "m", "r", seq))
+        for seq, a in enumerate(amounts)
+    ]
+    refused = store.checkpoint("r", sends=[replace(m, cap_micros=CAP) for m in marks])
+    accepted, total = [], 0
+    for seq, amount in enumerate(amounts):
+        if total + amount <= CAP:
+            accepted.append(seq)
+            total += amount
+    assert sorted(set(range(len(amounts))) - set(refused)) == accepted
+    assert store.balance("acme", "2026-12").reserved_micros == total
+    rows = store.db.execute("SELECT amount_micros, requests FROM ledger").fetchall()
+    assert rows == ([(total, len(accepted))] if accepted else [])
+    store.close()
+
+
+def test_a_checkpoint_sums_its_charges_by_model_and_price_and_reports_count_requests(
+    tmp_path: Path,
+) -> None:
+    store = new_store(tmp_path / "state.db", 4)
+    prices = (1, 1, 2)
+
+    def charge(seq: int, model: str, amount: int, price: tuple[int, int, int]) -> Entry:
+        entry = Entry("acme", "2026-12", Kind.CHARGE, amount, model, "r", seq)
+        return replace(entry, prompt_tokens=10, cached_tokens=0, completion_tokens=5, prices=price)
+
+    store.checkpoint(
+        "r",
+        entries=[
+            charge(0, "m", 30, prices),
+            charge(1, "m", 20, prices),
+            charge(2, "m2", 7, (3, 3, 3)),
+            charge(3, "m", 10, prices),
+        ],
+    )
+    rows = store.db.execute(
+        "SELECT model, seq, amount_micros, prompt_tokens, completion_tokens, requests"
+        " FROM ledger ORDER BY id"
+    ).fetchall()
+    assert rows == [("m", None, 60, 30, 15, 3), ("m2", 2, 7, 10, 5, 1)]
+    month = utc_now()[:7]
+    lines = store.read_ledger(lambda conn: invoice_lines(conn, "acme", month))
+    assert [(line.model, line.requests, line.amount_micros) for line in lines] == [
+        ("m", 3, 60),
+        ("m2", 1, 7),
+    ]
+    (summary,) = store.read_ledger(lambda conn: month_summary(conn, month))
+    assert (summary.requests, summary.charged_micros, summary.prompt_tokens) == (4, 67, 40)
 
 
 def test_budget_periods_are_utc_months_days_or_all_time() -> None:

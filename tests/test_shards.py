@@ -10,7 +10,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from runner.config import load_job
-from runner.distributed.shards import hand_off, merge, shard_caps, tenant_work, write_shard
+from runner.distributed.shards import (
+    HAND_OFF,
+    hand_off,
+    merge,
+    shard_caps,
+    tenant_work,
+    write_shard,
+)
 from runner.distributed.worker import ShardTask, run_shard
 from runner.runs import register
 from runner.sources import file_hash
@@ -34,7 +41,9 @@ def write_input(path: Path) -> Path:
 
 def ledger_rows(state: Path) -> list[tuple[object, ...]]:
     with sqlite3.connect(state) as db:
-        return db.execute("SELECT tenant, period, kind, amount_micros, seq FROM ledger").fetchall()
+        return db.execute(
+            "SELECT tenant, period, kind, amount_micros, reason FROM ledger"
+        ).fetchall()
 
 
 def balances_match_ledger(state: Path) -> bool:
@@ -93,7 +102,7 @@ def test_a_shard_runs_on_its_own_database_and_merges_into_the_run_exactly_once(
     costs = store.db.execute("SELECT TOTAL(cost_micros) FROM requests WHERE run_id = 'r'")
     assert ledger_charges(store, "r") == int(costs.fetchone()[0]) > 0
     assert balances_match_ledger(store.path)  # the hand-off is released, nothing held
-    kinds = [kind for _, _, kind, _, seq in once if seq is None]
+    kinds = [kind for _, _, kind, _, reason in once if reason == HAND_OFF]
     assert kinds == ["reserve", "release"]  # the hand-off, once each
     attempts = store.db.execute(
         "SELECT DISTINCT attempts, resends FROM requests WHERE status = 'done'"

@@ -81,7 +81,7 @@ _OUTCOME_COLUMNS = (
 )
 _LEDGER_COLUMNS = (
     "id, tenant, period, kind, amount_micros, model, run_id, seq, prompt_tokens, cached_tokens,"
-    " completion_tokens, price_input, price_cached_input, price_output, at"
+    " completion_tokens, price_input, price_cached_input, price_output, requests, at"
 )
 
 
@@ -305,11 +305,12 @@ def _by_time(page: list[tuple[Any, ...]], tag: str) -> Iterator[tuple[str, list[
         p_in,
         p_cached,
         p_out,
+        requests,
         at,
     ) in page:
         prices = None if p_in is None else (p_in, p_cached, p_out)
         entry = Entry(tenant, period, Kind(kind), amount, model, run, seq, f"{tag}{ident}", *tokens)
-        entry = replace(entry, prices=prices)
+        entry = replace(entry, prices=prices, requests=requests)
         if group and at != group_at:
             yield group_at, group
             group = []
