@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,6 +34,11 @@ class Simulator:
 
     process: subprocess.Popen[str]
     base_url: str
+
+    def cpu_s(self) -> float:
+        """CPU seconds the simulator process has used so far (Linux /proc)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stats(self, *, brief: bool = False) -> dict[str, Any]:
         """What the simulator saw; `brief` leaves out the per-request-id map."""
@@ -63,13 +68,15 @@ def simulator(*options: str) -> Iterator[Simulator]:
 
 @dataclass(frozen=True)
 class Measured:
-    """One finished subprocess: its exit code, output, wall time and peak RSS."""
+    """One finished subprocess: its exit code, output, wall time, peak RSS and
+    CPU seconds (user plus system)."""
 
     returncode: int
     stdout: str
     stderr: str
     wall_s: float
     peak_rss_mb: float
+    cpu_s: float
 
 
 class Running:
@@ -89,17 +96,22 @@ class Running:
         )
 
     def wait(self) -> Measured:
-        """Wait for the end; its own peak RSS comes from `wait4`, so no other
-        process is counted."""
+        """Wait for the end; its own peak RSS and CPU time come from `wait4`, so
+        no other process is counted."""
         _, status, usage = os.wait4(self.process.pid, 0)
         wall = time.monotonic() - self.started
         self.process.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait again
-        outputs = []
-        for handle in (self._out, self._err):
-            handle.seek(0)
-            outputs.append(handle.read())
-            handle.close()
-        return Measured(self.process.returncode, *outputs, wall, usage.ru_maxrss / 1024)
+        stdout, stderr = (self._read_and_close(handle) for handle in (self._out, self._err))
+        cpu = usage.ru_utime + usage.ru_stime
+        peak_mb = usage.ru_maxrss / 1024
+        return Measured(self.process.returncode, stdout, stderr, wall, peak_mb, cpu)
+
+    @staticmethod
+    def _read_and_close(handle: IO[str]) -> str:
+        handle.seek(0)
+        text = handle.read()
+        handle.close()
+        return text
 
 
 def measure(args: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None) -> Measured:
@@ -118,13 +130,16 @@ def first_request_after(sim: Simulator, running: Running, *, seen: int, poll_s: 
 @dataclass(frozen=True)
 class Sending:
     """How one client drained an input: the requests the server got, its answers,
-    the seconds from the first request to the last answer, and the wall time of
-    the client's whole process."""
+    the seconds from the first request to the last answer, the wall time of
+    the client's whole process, and the CPU seconds the client and the server
+    used."""
 
     requests: int
     answers: int
     sending_s: float
     wall_s: float
+    client_cpu_s: float
+    server_cpu_s: float
 
 
 def bare_loop(work: Path, *options: str, concurrency: int, max_tokens: int = 16) -> Sending:
@@ -132,9 +147,12 @@ def bare_loop(work: Path, *options: str, concurrency: int, max_tokens: int = 16)
     with simulator(*options) as sim:
         script = str(Path(__file__).with_name("bare_loop.py"))
         args = [sys.executable, script, sim.base_url, "in.jsonl", str(concurrency), str(max_tokens)]
+        idle_cpu_s = sim.cpu_s()
         done = check(measure(args, cwd=work), "the bare loop")
+        server_cpu_s = sim.cpu_s() - idle_cpu_s
     report = json.loads(done.stdout)
-    return Sending(report["requests"], report["ok"], report["seconds"], done.wall_s)
+    answers, sending_s = report["ok"], report["seconds"]
+    return Sending(report["requests"], answers, sending_s, done.wall_s, done.cpu_s, server_cpu_s)
 
 
 def runner_submit(
@@ -146,10 +164,13 @@ def runner_submit(
         limits = unlimited(tenants, max_parallel)
         job = write_job(work, sim.base_url, limits, input_name="in.jsonl")
         submit = runner_cli("submit", str(job), "--run-id", run_id)
+        idle_cpu_s = sim.cpu_s()
         done = check(measure(submit, cwd=work, env=key_env(tenants)), "runner")
+        server_cpu_s = sim.cpu_s() - idle_cpu_s
         stats = sim.stats(brief=True)
     span = max(stats["last_ok_at"].values()) - min(stats["first_ok_at"].values())
-    return Sending(stats["requests"], answered(stats), span, done.wall_s)
+    cpu = done.cpu_s
+    return Sending(stats["requests"], answered(stats), span, done.wall_s, cpu, server_cpu_s)
 
 
 def answered(stats: Mapping[str, Any]) -> int:

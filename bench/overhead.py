@@ -52,10 +52,14 @@ def run(quick: bool) -> list[str]:
         ("while sending", bare_sending, runner_sending),
         ("end to end", bare_whole, runner_whole),
     ):
-        bare, runner = rows / statistics.median(bare_s), rows / statistics.median(runner_s)
-        ratio = runner / bare
+        bare_rate, runner_rate = (
+            rows / statistics.median(bare_s),
+            rows / statistics.median(runner_s),
+        )
+        ratio = runner_rate / bare_rate
         lines.append(
-            f"  {label:13}  bare aiohttp loop {bare:5.0f} req/s, runner {runner:5.0f} req/s:"
+            f"  {label:13}  bare aiohttp loop {bare_rate:5.0f} req/s,"
+            f" runner {runner_rate:5.0f} req/s:"
             f" ratio {ratio:.2f} (target >= {TARGET:.2f}) {'ok' if ratio >= TARGET else 'MISSED'}"
         )
     return lines
