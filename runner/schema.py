@@ -144,7 +144,9 @@ def m003_bodies_until_answered(db: Database) -> None:
         INSERT INTO request_bodies
             SELECT run_id, seq, body FROM requests
             WHERE body IS NOT NULL AND status NOT IN ('done', 'rejected');
-        ALTER TABLE requests DROP COLUMN body;
+        -- requests.body stays, always NULL from now on: dropping a column needs
+        -- SQLite 3.35, which some supported systems do not have.
+        UPDATE requests SET body = NULL WHERE body IS NOT NULL;
         """
     )
 

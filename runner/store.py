@@ -107,6 +107,14 @@ class FailedAttempt:
     error: str
 
 
+def missing_body(path: Path, run_id: str, seq: int) -> StateError:
+    """A row to send whose request is gone: never expected, never skipped."""
+    return StateError(
+        f"{path}: request {seq} of run {run_id!r} is still to be sent but its body"
+        " is missing from the state database"
+    )
+
+
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -261,21 +269,26 @@ class Store:
                 )
         return runs, removed
 
-    def release_free_pages(self, *, pages_per_commit: int = 8192) -> int:
+    def release_free_pages(self, *, pages_per_step: int = 8192) -> int:
         """Hand the pages that deleted rows (answered requests' bodies) left free
         back to the file system, a few thousand per transaction so that the
         write-ahead log stays small. Returns how many were released; none on a
         database created before auto-vacuum until it is vacuumed once."""
         released = 0
-        while True:
-            with self._write():
-                free = int(self.db.execute("PRAGMA freelist_count").fetchone()[0])
-                auto = int(self.db.execute("PRAGMA auto_vacuum").fetchone()[0])
-                if not free or auto != _INCREMENTAL:
-                    return released
-                # (each step of the pragma frees one page: fetch them all)
-                self.db.execute(f"PRAGMA incremental_vacuum({pages_per_commit})").fetchall()
-            released += min(free, pages_per_commit)
+        try:
+            if int(self.db.execute("PRAGMA auto_vacuum").fetchone()[0]) != _INCREMENTAL:
+                return 0
+            while free := int(self.db.execute("PRAGMA freelist_count").fetchone()[0]):
+                # Each page it frees is a result row without columns, after which
+                # `execute` would stop; a script steps it to the end (autocommit).
+                self.db.conn.executescript(f"PRAGMA incremental_vacuum({pages_per_step})")
+                left = int(self.db.execute("PRAGMA freelist_count").fetchone()[0])
+                if left >= free:
+                    break
+                released += free - left
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: {exc}") from None
+        return released
 
     def vacuum(self) -> None:
         """Give the space of deleted rows back to the file system."""
@@ -507,12 +520,15 @@ class Store:
         self, run_id: str, tenant: str, *, after_seq: int, limit: int
     ) -> list[PendingRequest]:
         rows = self.db.execute(
-            "SELECT seq, model, body, prompt_estimate, max_tokens, attempts"
-            " FROM requests JOIN request_bodies USING (run_id, seq)"
+            "SELECT seq, model, b.body, prompt_estimate, max_tokens, attempts"
+            " FROM requests LEFT JOIN request_bodies AS b USING (run_id, seq)"
             " WHERE run_id = ? AND tenant = ? AND status = 'pending' AND seq > ?"
             " ORDER BY seq LIMIT ?",
             [run_id, tenant, after_seq, limit],
         ).fetchall()
+        for seq, _, body, *_ in rows:
+            if body is None:
+                raise missing_body(self.path, run_id, seq)
         return [PendingRequest(*row) for row in rows]
 
     def checkpoint(
@@ -724,7 +740,7 @@ class Store:
             raise StateError(f"{self.path}: {exc}") from None
 
 
-_INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
+_INCREMENTAL = 2  # what PRAGMA auto_vacuum reads for INCREMENTAL
 
 RESULT_COLUMNS = (
     "seq",

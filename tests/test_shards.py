@@ -7,7 +7,9 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
+from sqlite_utils import Database
 
 from runner.config import load_job
 from runner.distributed.shards import (
@@ -19,11 +21,14 @@ from runner.distributed.shards import (
     write_shard,
 )
 from runner.distributed.worker import ShardTask, run_shard
+from runner.records import Outcome, Request, Status
 from runner.runs import register
+from runner.schema import migrations
 from runner.sources import file_hash
 from runner.store import Store
-from tests.conftest import JobWriter, ledger_charges
+from tests.conftest import JobWriter, ledger_charges, new_run
 
+NO_COLUMNS = pa.record_batch({"n": [0]})
 TENANTS = {
     "acme": {"rpm": 6000, "tpm": 1_000_000, "monthly_budget_usd": 1},
     "globex": {"rpm": 6000, "tpm": 1_000_000},
@@ -111,3 +116,51 @@ def test_a_shard_runs_on_its_own_database_and_merges_into_the_run_exactly_once(
     bodies = store.db.execute("SELECT COUNT(*) FROM request_bodies WHERE run_id = 'r'")
     assert bodies.fetchone() == (0,)  # the merged rows are done: no request kept
     store.close()
+
+
+def one_row_run(path: Path) -> Store:
+    store = Store(path)
+    new_run(store)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    store.register("r", [Request(0, "0", "acme", "m", "in:1", body, 5, 5)], [], NO_COLUMNS, 0)
+    return store
+
+
+def test_a_stale_shard_answer_the_run_did_not_take_leaves_the_row_its_request(
+    tmp_path: Path,
+) -> None:
+    """A shard database merged after the run moved on (its row has more attempts
+    there): the run keeps its own outcome, and the request it may send again."""
+    shard = one_row_run(tmp_path / "shard-0.db")
+    shard.checkpoint("r", outcomes=[Outcome(0, Status.DONE, 1, response="ok", cost_micros=1)])
+    shard.close()
+    store = one_row_run(tmp_path / "state.db")
+    store.checkpoint("r", outcomes=[Outcome(0, Status.FAILED, 3, error="HTTP 500")])
+    merge(store, "r", tmp_path / "shard-0.db", "t:0#")
+    assert store.db.execute("SELECT status FROM requests").fetchall() == [("failed",)]
+    store.requeue("r", retry_failed=True)
+    (again,) = store.pending_page("r", "acme", after_seq=-1, limit=5)
+    assert '"content":"hi"' in again.body
+
+
+def test_a_shard_database_of_an_older_runner_is_migrated_before_its_merge(
+    tmp_path: Path,
+) -> None:
+    shard = Database(tmp_path / "shard-0.db")
+    migrations.apply(shard, stop_before="m003_bodies_until_answered")
+    shard.execute(
+        "INSERT INTO requests (run_id, seq, row_id, tenant, model, source, status, attempts,"
+        " response, cost_micros) VALUES ('r', 0, '0', 'acme', 'm', 'in:1', 'done', 1, 'ok', 7)"
+    )
+    shard.execute(
+        "INSERT INTO ledger (tenant, period, kind, amount_micros, model, run_id, seq, at)"
+        " VALUES ('acme', '2026-12', 'charge', 7, 'm', 'r', 0, '2026-12-03T00:00:00')"
+    )
+    shard.conn.commit()
+    shard.close()
+    store = one_row_run(tmp_path / "state.db")
+    merge(store, "r", tmp_path / "shard-0.db", "t:0#")
+    assert store.db.execute("SELECT status, response FROM requests").fetchall() == [("done", "ok")]
+    charges = store.db.execute("SELECT amount_micros, requests FROM ledger WHERE kind = 'charge'")
+    assert charges.fetchall() == [(7, 1)]
+    assert store.db.execute("SELECT COUNT(*) FROM request_bodies").fetchone() == (0,)

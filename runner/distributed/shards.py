@@ -43,7 +43,7 @@ from runner.ledger import Entry, Kind, period_of
 from runner.records import Request
 from runner.sources import file_hash
 from runner.sources import parquet as parquet_source
-from runner.store import Store, utc_now
+from runner.store import Store, missing_body, utc_now
 
 HAND_OFF = "budget handed to Ray workers"
 SHARD_SCHEMA = pa.schema(
@@ -60,6 +60,9 @@ SHARD_SCHEMA = pa.schema(
         ("resends", pa.int64()),
     ]
 )
+# (the body comes from request_bodies; requests.body is a column left unused)
+_SHARD_COLUMNS = ", ".join("b.body" if name == "body" else name for name in SHARD_SCHEMA.names)
+_BODY = SHARD_SCHEMA.names.index("body")
 _PAGE_ROWS = 10_000
 _OUTCOME_COLUMNS = (
     "status",
@@ -109,14 +112,17 @@ def write_shard(store: Store, run_id: str, tenants: Collection[str], path: Path)
     rows = 0
     try:
         cursor = store.db.execute(
-            f"SELECT {', '.join(SHARD_SCHEMA.names)}"
-            " FROM requests JOIN request_bodies USING (run_id, seq)"
+            f"SELECT {_SHARD_COLUMNS}"
+            " FROM requests LEFT JOIN request_bodies AS b USING (run_id, seq)"
             f" WHERE run_id = ? AND status = 'pending' AND tenant IN ({marks}) ORDER BY seq",
             [run_id, *sorted(tenants)],
         )
         with pq.ParquetWriter(path, SHARD_SCHEMA) as writer:
             while page := cursor.fetchmany(_PAGE_ROWS):
                 columns = list(zip(*page, strict=True))
+                if None in columns[_BODY]:
+                    seqs = columns[SHARD_SCHEMA.names.index("seq")]
+                    raise missing_body(store.path, run_id, seqs[columns[_BODY].index(None)])
                 writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=SHARD_SCHEMA))
                 rows += len(page)
     except sqlite3.Error as exc:
@@ -227,6 +233,7 @@ def merge(store: Store, run_id: str, shard_db: Path, tag: str) -> set[tuple[str,
     the run, and release its tenants' hand-offs, in one transaction. `tag` names
     the shard database uniquely (its ledger entries keep it, with their id).
     Returns the (tenant, period) pairs whose spend changed, for alerts."""
+    Store(shard_db, create=False).close()  # migrated, if an older runner wrote it
     conn = store.db.conn
     try:
         conn.execute("ATTACH DATABASE ? AS shard", (str(shard_db),))
@@ -257,7 +264,8 @@ def _merge_requests(conn: sqlite3.Connection, run_id: str) -> None:
     )
     conn.execute(
         "DELETE FROM request_bodies WHERE run_id = :run AND seq IN"
-        " (SELECT seq FROM shard.requests WHERE run_id = :run AND status = 'done')",
+        " (SELECT r.seq FROM shard.requests AS s JOIN requests AS r USING (run_id, seq)"
+        " WHERE s.run_id = :run AND r.status = 'done')",
         {"run": run_id},
     )
     conn.execute(
