@@ -42,10 +42,12 @@ def test_latency_compares_with_the_concurrency_bound() -> None:
     lines = quick_run("latency")
     assert lines[0] == "latency: 20 tenants x max_parallel 50 = 1000 in flight"
     assert "200 ms per answer" in lines[1] and "bound 5000 req/s" in lines[1]
-    assert "1000 ms per answer" in lines[4] and "bound 1000 req/s" in lines[4]
-    for runner_line, bare_line in ((lines[2], lines[3]), (lines[5], lines[6])):
+    assert "1000 ms per answer" in lines[5] and "bound 1000 req/s" in lines[5]
+    for first in (2, 6):
+        runner_line, bare_line, cpu_line = lines[first : first + 3]
         assert "runner submit" in runner_line and "ratio to the bound" in runner_line
         assert "bare aiohttp loop" in bare_line and "runner / bare" in bare_line
+        assert "CPU ms per request, simulator / client: bare loop run" in cpu_line
 
 
 def test_limits_are_never_passed_at_a_strict_server() -> None:
