@@ -1,8 +1,9 @@
-"""One process per run: an advisory lock held while a run registers or runs.
+"""Advisory locks beside the state database: one process per run, held while a
+run registers or runs, and one process at a time upgrading the database's schema.
 
-The lock is `flock` on a small file beside the state database; the kernel drops
-it when the holder exits, however it exits (SIGKILL included), so a lock is never
-left stale and never needs taking over by hand. The file holds the holder's pid
+A lock is `flock` on a small file in `.STATE.locks/`; the kernel drops it when
+the holder exits, however it exits (SIGKILL included), so a lock is never left
+stale and never needs taking over by hand. A run's file holds the holder's pid
 and host, for the message a second process shows.
 """
 
@@ -12,10 +13,31 @@ import fcntl
 import hashlib
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
 from runner.errors import RunLocked
+
+
+def locks_folder(state: Path) -> Path:
+    return state.parent / f".{state.name}.locks"
+
+
+@contextmanager
+def schema_lock(state: Path) -> Iterator[None]:
+    """Wait for, then hold, the lock on upgrading `state`'s schema: two processes
+    that open a database of an older release at once migrate it one after the
+    other, the second finding nothing left to do."""
+    folder = locks_folder(state)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = os.open(folder / "schema.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # closing the descriptor releases the flock
 
 
 class RunLock:
@@ -25,7 +47,7 @@ class RunLock:
 
     def __init__(self, state: Path, run_id: str) -> None:
         digest = hashlib.sha256(run_id.encode()).hexdigest()[:24]
-        self.path = state.parent / f".{state.name}.locks" / f"{digest}.lock"
+        self.path = locks_folder(state) / f"{digest}.lock"
         self.run_id = run_id
         self._handle: int | None = None
 

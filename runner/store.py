@@ -34,6 +34,7 @@ from sqlite_utils import Database
 from runner import ledger
 from runner.errors import StateError
 from runner.ledger import Balance, Entry, Kind
+from runner.locks import schema_lock
 from runner.records import Outcome, Rejection, Request, Status
 from runner.schema import migrations
 
@@ -152,7 +153,9 @@ class Store:
                 f"{self.path}: the state database was written by a newer runner "
                 f"(migrations {sorted(applied - known)}); upgrade runner to use it"
             )
-        migrations.apply(self.db)
+        if known - applied:
+            with schema_lock(self.path):
+                migrations.apply(self.db)  # (what another process applied meanwhile is skipped)
 
     def close(self) -> None:
         self.db.close()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -11,6 +14,7 @@ from sqlite_utils import Database
 
 from runner.errors import StateError
 from runner.ledger import Entry, Kind
+from runner.locks import schema_lock
 from runner.records import Outcome, Rejection, Request, Status, Usage
 from runner.schema import migrations
 from runner.store import FailedAttempt, SendMark, Store
@@ -246,6 +250,30 @@ def test_a_database_of_the_second_release_keeps_only_the_requests_still_to_answe
     assert old_bodies.fetchone() == (0,)  # (the column stays, unused)
     pending = store.pending_page("old", "acme", after_seq=-1, limit=5)
     assert [(p.seq, p.body) for p in pending] == [(1, '{"n":1}')]
+
+
+def test_processes_that_open_an_older_database_at_once_upgrade_it_in_turn(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.db"
+    db = Database(path)
+    migrations.apply(db, stop_before="m003_bodies_until_answered")
+    db.close()
+    opening = [sys.executable, "-c", f"from runner.store import Store; Store({str(path)!r})"]
+    with schema_lock(path):
+        first = subprocess.Popen(opening)
+        time.sleep(1.0)
+        assert first.poll() is None  # it waits for the lock held here
+        assert "m003_bodies_until_answered" not in applied_migrations(path)
+        others = [subprocess.Popen(opening) for _ in range(3)]
+    assert [p.wait(timeout=60) for p in [first, *others]] == [0, 0, 0, 0]
+    upgraded = applied_migrations(path)
+    assert {"m003_bodies_until_answered", "m004_ledger_rows_sum_requests"} <= upgraded
+
+
+def applied_migrations(path: Path) -> set[str]:
+    with sqlite3.connect(path) as db:
+        return {name for (name,) in db.execute("SELECT name FROM _sqlite_migrations")}
 
 
 def test_resuming_a_run_reads_no_finished_row(store: Store) -> None:
