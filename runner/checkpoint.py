@@ -79,9 +79,10 @@ class Checkpointer:
         that refused it because it does not fit under the cap."""
         return await self._commit(SendMark(seq, reservation=reservation, cap_micros=cap_micros))
 
-    async def mark_sent(self, seq: int, attempt: int) -> None:
-        """Return once the row is committed as `sent` with this attempt number."""
-        await self._commit(SendMark(seq, attempt=attempt))
+    async def mark_sent(self, seq: int, attempt: int, tenant: str, tokens: int) -> None:
+        """Return once the row is committed as `sent` with this attempt number,
+        and its `tokens` are counted in `tenant`'s recent sends."""
+        await self._commit(SendMark(seq, attempt=attempt, tenant=tenant, tokens=tokens))
 
     async def _commit(self, mark: SendMark) -> Balance | None:
         self._sends.append(mark)

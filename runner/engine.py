@@ -303,7 +303,9 @@ class _Lane:
         attempt = first = request.attempts  # attempts count across runs; the limit per run
         while admitted and (admission := await self._admitted_to_send(request)) is not None:
             attempt += 1
-            await engine._checkpointer.mark_sent(request.seq, attempt)
+            await engine._checkpointer.mark_sent(
+                request.seq, attempt, self.tenant, request.tpm_cost
+            )
             try:
                 reply = await self._send(request)
             except TenantRefused as error:

@@ -156,3 +156,40 @@ def m004_ledger_rows_sum_requests(db: Database) -> None:
     """A ledger row may sum the entries of many requests (see `ledger.record`); it
     says how many. Every row written before covers one."""
     db.execute("ALTER TABLE ledger ADD COLUMN requests INTEGER NOT NULL DEFAULT 1")
+
+
+@migrations()
+def m005_sources_until_answered(db: Database) -> None:
+    """Where a row came from ("file:line") is read only to name it in an error: a
+    rejection, found as the row is registered, or a duplicate id, found once all
+    rows are. So a request's source is kept beside its body until it is answered,
+    and the request row holds ''; rows registered before keep theirs. The index by
+    row id, read only by that duplicate search, goes: the search sorts the run's
+    ids instead, once, and a million rows stop paying ~25 bytes each for it."""
+    db.executescript(
+        """
+        ALTER TABLE request_bodies ADD COLUMN source TEXT;
+        DROP INDEX requests_row_id;
+        """
+    )
+
+
+@migrations()
+def m006_recent_sends(db: Database) -> None:
+    """The next run's limiters need each tenant's sends of the last minute; they
+    move from an index over every request ever sent to a table of the last few
+    minutes' sends (see `Store.recent_sends`). requests.sent_at stays, unused."""
+    db.executescript(
+        """
+        CREATE TABLE recent_sends (       -- sends of the last minutes, for limiters to come
+            sent_at REAL NOT NULL,        -- unix time
+            tenant TEXT NOT NULL,
+            tokens INTEGER NOT NULL       -- the TPM cost the limiter charged
+        );
+        CREATE INDEX recent_sends_at ON recent_sends(sent_at);
+        INSERT INTO recent_sends
+            SELECT sent_at, tenant, prompt_estimate + max_tokens FROM requests
+            WHERE sent_at > (julianday('now') - 2440587.5) * 86400.0 - 300;
+        DROP INDEX requests_recent;
+        """
+    )

@@ -91,11 +91,14 @@ class TenantCounts:
 
 @dataclass(frozen=True, slots=True)
 class SendMark:
-    """A request about to be sent (`attempt` set: mark it `sent`), or about to be
-    admitted (`reservation` set: reserve its worst case against `cap_micros`)."""
+    """A request about to be sent (`attempt` set: mark it `sent` and count its
+    `tokens` in `tenant`'s recent sends), or about to be admitted (`reservation`
+    set: reserve its worst case against `cap_micros`)."""
 
     seq: int
     attempt: int | None = None
+    tenant: str = ""
+    tokens: int = 0
     reservation: Entry | None = None
     cap_micros: int = 0
 
@@ -357,7 +360,7 @@ class Store:
                         r.row_id,
                         r.tenant,
                         r.model,
-                        r.where,
+                        "",  # (the source waits beside the body; see schema m005)
                         r.prompt_tokens_estimate,
                         r.max_tokens,
                     )
@@ -365,9 +368,14 @@ class Store:
                 ],
             )
             self.db.conn.executemany(
-                "INSERT INTO request_bodies (run_id, seq, body) VALUES (?, ?, ?)",
+                "INSERT INTO request_bodies (run_id, seq, body, source) VALUES (?, ?, ?, ?)",
                 [
-                    (run_id, r.seq, json.dumps(r.body, ensure_ascii=False, separators=(",", ":")))
+                    (
+                        run_id,
+                        r.seq,
+                        json.dumps(r.body, ensure_ascii=False, separators=(",", ":")),
+                        r.where,
+                    )
                     for r in requests
                 ],
             )
@@ -411,19 +419,29 @@ class Store:
 
     def reject_duplicate_ids(self, run_id: str) -> int:
         """Every row whose id appeared earlier in the input is rejected, naming
-        where it first appeared. Returns how many were rejected."""
+        where it first appeared. Returns how many were rejected.
+
+        Runs once, when every row is registered and none answered, so every
+        source is still at hand. The ids are sorted here rather than indexed:
+        an index would cost each row of every run its space for this one query."""
         with self._write():
             self.db.execute(
-                """
-                WITH ranked AS (
-                    SELECT seq, row_id,
-                           ROW_NUMBER() OVER (PARTITION BY row_id ORDER BY seq) AS nth,
-                           FIRST_VALUE(source) OVER (PARTITION BY row_id ORDER BY seq) AS first
-                    FROM requests WHERE run_id = :run
+                f"""
+                WITH duplicated AS (
+                    SELECT row_id FROM requests WHERE run_id = :run
+                    GROUP BY row_id HAVING COUNT(*) > 1
+                ), ranked AS (
+                    SELECT seq, row_id, {SOURCE} AS source,
+                           ROW_NUMBER() OVER by_id AS nth,
+                           FIRST_VALUE({SOURCE}) OVER by_id AS first
+                    FROM requests LEFT JOIN request_bodies AS b USING (run_id, seq)
+                    WHERE run_id = :run AND row_id IN duplicated
+                    WINDOW by_id AS (PARTITION BY row_id ORDER BY seq)
                 )
                 UPDATE requests
                 SET status = 'rejected',
-                    error = requests.source || ': duplicate id ' || quote(ranked.row_id)
+                    source = ranked.source,
+                    error = ranked.source || ': duplicate id ' || quote(ranked.row_id)
                             || ' (first seen at ' || ranked.first || ')'
                 FROM ranked
                 WHERE requests.run_id = :run AND requests.seq = ranked.seq AND ranked.nth > 1
@@ -464,12 +482,13 @@ class Store:
 
     def recent_sends(self, tenant: str, *, within_s: float) -> list[tuple[float, int]]:
         """(seconds ago, TPM cost) of the tenant's sends in the last `within_s`
-        seconds, by any run in this database."""
+        seconds (at most `SENDS_KEPT_S`), by any run in this database."""
+        if within_s > SENDS_KEPT_S:
+            raise ValueError(f"sends are kept {SENDS_KEPT_S:.0f}s, not {within_s}s")
         now = time.time()
         rows = self.db.execute(
-            "SELECT sent_at, prompt_estimate + max_tokens FROM requests"
-            " WHERE tenant = ? AND sent_at > ?",
-            [tenant, now - within_s],
+            "SELECT sent_at, tokens FROM recent_sends WHERE sent_at > ? AND tenant = ?",
+            [now - within_s, tenant],
         ).fetchall()
         return [(now - sent_at, cost) for sent_at, cost in rows]
 
@@ -572,6 +591,7 @@ class Store:
             )
             ledger.record(conn, entries, now)
             marked = []
+            sending = []
             reservations: list[Entry] = []
             reserving: dict[tuple[str, str], int] = {}  # (tenant, period) -> micros
             for mark in sends:
@@ -593,13 +613,18 @@ class Store:
                         (reservation.amount_micros, reservation.period, run_id, mark.seq),
                     )
                 if mark.attempt is not None:
-                    marked.append((mark.attempt, sent_at, run_id, mark.seq))
+                    marked.append((mark.attempt, run_id, mark.seq))
+                    sending.append((sent_at, mark.tenant, mark.tokens))
             ledger.record(conn, reservations, now)
             conn.executemany(
-                "UPDATE requests SET status = 'sent', attempts = ?, sent_at = ?"
-                " WHERE run_id = ? AND seq = ?",
+                "UPDATE requests SET status = 'sent', attempts = ? WHERE run_id = ? AND seq = ?",
                 marked,
             )
+            if sending:
+                conn.executemany(
+                    "INSERT INTO recent_sends (sent_at, tenant, tokens) VALUES (?, ?, ?)", sending
+                )
+                conn.execute("DELETE FROM recent_sends WHERE sent_at < ?", [sent_at - SENDS_KEPT_S])
         return refused
 
     def balance(self, tenant: str, period: str) -> Balance:
@@ -744,6 +769,15 @@ class Store:
 
 
 _INCREMENTAL = 2  # what PRAGMA auto_vacuum reads for INCREMENTAL
+
+# How long a send is remembered for the limiters of runs to come: longer than a
+# provider's one-minute window, so a run started just after another (or resumed
+# after a crash) does not spend again what that window still holds.
+SENDS_KEPT_S = 300.0
+
+# Where a request came from, in a query joining `request_bodies AS b`: beside its
+# body while it waits (schema m005), or on the row if registered before that.
+SOURCE = "COALESCE(b.source, requests.source)"
 
 RESULT_COLUMNS = (
     "seq",

@@ -125,6 +125,25 @@ def test_a_request_is_kept_until_it_is_done_and_no_longer(store: Store) -> None:
     assert [p.seq for p in store.pending_page("r", "acme", after_seq=-1, limit=5)] == [4]
 
 
+def test_a_source_waits_beside_its_request_and_stays_on_the_row_only_if_rejected(
+    store: Store,
+) -> None:
+    """A row's "file:line" is only read to name it in an error, so an accepted
+    row's goes with its request once answered; a rejected row keeps its own."""
+    sources = dict(store.db.execute("SELECT seq, source FROM requests WHERE run_id = 'r'"))
+    assert sources == {0: "", 1: "", 2: "", 3: "in.jsonl:4", 4: ""}
+    waiting = store.db.execute("SELECT seq, source FROM request_bodies WHERE run_id = 'r'")
+    assert dict(waiting.fetchall()) == {
+        0: "in.jsonl:1",
+        1: "in.jsonl:2",
+        2: "in.jsonl:3",
+        4: "in.jsonl:5",
+    }
+    store.reject_duplicate_ids("r")
+    on_rows = store.db.execute("SELECT seq, source FROM requests WHERE source != ''")
+    assert dict(on_rows.fetchall()) == {2: "in.jsonl:3", 3: "in.jsonl:4"}
+
+
 def test_a_row_to_send_without_its_request_stops_the_run_instead_of_being_skipped(
     store: Store,
 ) -> None:
@@ -252,6 +271,36 @@ def test_a_database_of_the_second_release_keeps_only_the_requests_still_to_answe
     assert [(p.seq, p.body) for p in pending] == [(1, '{"n":1}')]
 
 
+def test_a_database_of_the_fourth_release_still_names_where_its_duplicates_were(
+    tmp_path: Path,
+) -> None:
+    """Rows registered before m005 hold their source on the row and none beside
+    their request; the duplicate search and the Ray shards read either."""
+    db = Database(tmp_path / "state.db")
+    migrations.apply(db, stop_before="m005_sources_until_answered")
+    db.execute(
+        "INSERT INTO runs (run_id, job_name, job_json, input_path, input_format, input_hash,"
+        " output_path, phase, created_at, updated_at)"
+        " VALUES ('old', 'j', '{}', 'in', 'jsonl', 'h', 'out', 'registering', 't', 't')"
+    )
+    for seq, row_id in [(0, "a"), (1, "b"), (2, "a")]:
+        db.execute(
+            "INSERT INTO requests (run_id, seq, row_id, tenant, model, source, status,"
+            " prompt_estimate, max_tokens) VALUES ('old', ?, ?, 'acme', 'm', ?, 'pending', 5, 5)",
+            [seq, row_id, f"old.jsonl:{seq + 1}"],
+        )
+        db.execute("INSERT INTO request_bodies (run_id, seq, body) VALUES ('old', ?, '{}')", [seq])
+    db.conn.commit()
+    db.close()
+    store = Store(tmp_path / "state.db")
+    indexes = {name for (name,) in store.db.execute("SELECT name FROM sqlite_master")}
+    assert "requests_row_id" not in indexes
+    assert store.reject_duplicate_ids("old") == 1
+    assert store.rejections("old", limit=5) == [
+        ("old.jsonl:3", "old.jsonl:3: duplicate id 'a' (first seen at old.jsonl:1)")
+    ]
+
+
 def test_processes_that_open_an_older_database_at_once_upgrade_it_in_turn(
     tmp_path: Path,
 ) -> None:
@@ -293,7 +342,7 @@ def test_resuming_a_run_reads_no_finished_row(store: Store) -> None:
     selective = ("status=?", "requests_reserved", "sent_at>?", "COVERING INDEX")
     for query in queries:
         plan = [row[3] for row in store.db.execute(f"EXPLAIN QUERY PLAN {query}")]
-        steps = [step for step in plan if " requests " in f" {step} "]
+        steps = [step for step in plan if {"requests", "recent_sends"} & set(step.split())]
         assert steps, (query, plan)
         for step in steps:
             assert step.startswith("SEARCH") and any(s in step for s in selective), (query, step)

@@ -43,7 +43,7 @@ from runner.ledger import Entry, Kind, period_of
 from runner.records import Request
 from runner.sources import file_hash
 from runner.sources import parquet as parquet_source
-from runner.store import Store, missing_body, utc_now
+from runner.store import SOURCE, Store, missing_body, utc_now
 
 HAND_OFF = "budget handed to Ray workers"
 SHARD_SCHEMA = pa.schema(
@@ -60,8 +60,9 @@ SHARD_SCHEMA = pa.schema(
         ("resends", pa.int64()),
     ]
 )
-# (the body comes from request_bodies; requests.body is a column left unused)
-_SHARD_COLUMNS = ", ".join("b.body" if name == "body" else name for name in SHARD_SCHEMA.names)
+# (the body and source come from request_bodies; requests.body is a column left unused)
+_FROM_BODIES = {"body": "b.body", "source": SOURCE}
+_SHARD_COLUMNS = ", ".join(_FROM_BODIES.get(name, name) for name in SHARD_SCHEMA.names)
 _BODY = SHARD_SCHEMA.names.index("body")
 _PAGE_ROWS = 10_000
 _OUTCOME_COLUMNS = (
