@@ -19,6 +19,8 @@ from pathlib import Path
 import aiohttp
 from common import MODEL, key
 
+from runner.eventloop import run_asyncio
+
 
 def bodies(source: Path, max_tokens: int) -> list[tuple[str, bytes]]:
     """(tenant, request body) for each input row, as the runner builds them."""
@@ -55,4 +57,4 @@ async def drain(base_url: str, requests: list[tuple[str, bytes]], concurrency: i
 
 if __name__ == "__main__":
     base_url, source, concurrency, max_tokens = sys.argv[1:5]
-    asyncio.run(drain(base_url, bodies(Path(source), int(max_tokens)), int(concurrency)))
+    run_asyncio(drain(base_url, bodies(Path(source), int(max_tokens)), int(concurrency)))

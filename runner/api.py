@@ -17,9 +17,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, get_args
 
-import anyio
 from pydantic import ValidationError
 
+from runner import eventloop
 from runner.config import EngineName, Job, RaySection, load_job
 from runner.engine import EngineSettings
 from runner.errors import ConfigError, StateError
@@ -450,13 +450,13 @@ def _run_sync(start: Callable[[], Coroutine[Any, Any, T]]) -> T:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return anyio.run(start)
+        return eventloop.run(start)
     result: list[T] = []
     failure: list[BaseException] = []
 
     def target() -> None:
         try:
-            result.append(anyio.run(start))
+            result.append(eventloop.run(start))
         except BaseException as exc:  # handed to the caller's thread below
             failure.append(exc)
 

@@ -20,10 +20,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
-import anyio
 import click
 
-from runner import api, logs, reports
+from runner import api, eventloop, logs, reports
 from runner.config import load_job
 from runner.errors import RunLocked, RunnerError
 from runner.pricing import micros_to_usd
@@ -170,7 +169,7 @@ def _run(start: Callable[..., Awaitable[api.RunResult]]) -> None:
     as_json = _log_format() == "json"
     display = ProgressDisplay(json_lines=as_json)
     try:
-        result = anyio.run(
+        result = eventloop.run(
             functools.partial(start, on_progress=display.update, handle_signals=True)
         )
     finally:

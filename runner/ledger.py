@@ -88,7 +88,8 @@ def period_of(when: datetime, kind: BudgetPeriod) -> str:
     """The budget period `when` (UTC) falls in: "2026-12", "2026-12-03" or "total"."""
     if kind == "total":
         return "total"
-    return when.strftime("%Y-%m-%d" if kind == "day" else "%Y-%m")
+    month = f"{when.year:04}-{when.month:02}"  # (strftime costs a settle 5x as much)
+    return f"{month}-{when.day:02}" if kind == "day" else month
 
 
 CREATE_TABLES = """

@@ -38,6 +38,8 @@ from typing import Any, NoReturn
 
 from aiohttp import web
 
+from runner import eventloop
+
 RETRY_AFTER_FORMS = frozenset({"seconds", "fractional", "http-date", "reset-duration", "none"})
 MODELS = ("gpt-4.1", "claude-sonnet-4.5", "gemini-2.5-flash", "deepseek-v3.2")
 DEFAULT_COMPLETION_LIMIT = 16
@@ -550,7 +552,7 @@ class SimulatorThread:
 
     def _run(self) -> None:
         try:
-            asyncio.run(self._main())
+            eventloop.run_asyncio(self._main())
         except BaseException as exc:  # re-raised by __enter__ in the caller's thread
             self._error = exc
         finally:
@@ -600,4 +602,4 @@ def serve(config: SimulatorConfig, *, host: str = "127.0.0.1", port: int = 8000)
             await asyncio.Event().wait()
 
     with suppress(KeyboardInterrupt):
-        asyncio.run(main())
+        eventloop.run_asyncio(main())

@@ -773,7 +773,7 @@ _INCREMENTAL = 2  # what PRAGMA auto_vacuum reads for INCREMENTAL
 # How long a send is remembered for the limiters of runs to come: longer than a
 # provider's one-minute window, so a run started just after another (or resumed
 # after a crash) does not spend again what that window still holds.
-SENDS_KEPT_S = 300.0
+SENDS_KEPT_S = 120.0
 
 # Where a request came from, in a query joining `request_bodies AS b`: beside its
 # body while it waits (schema m005), or on the row if registered before that.

@@ -181,6 +181,12 @@ def test_budget_periods_are_utc_months_days_or_all_time() -> None:
     assert period_of(when, "total") == "total"
 
 
+@given(st.datetimes(min_value=datetime(1000, 1, 1)))
+def test_a_period_is_the_date_written_as_iso_8601(when: datetime) -> None:
+    assert period_of(when, "month") == when.strftime("%Y-%m")
+    assert period_of(when, "day") == when.date().isoformat()
+
+
 def test_a_day_budget_starts_afresh_the_next_day(tmp_path: Path) -> None:
     clock = [datetime(2026, 12, 3, 23, 0, tzinfo=UTC)]
     guard = BudgetGuard(

@@ -14,8 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import anyio
-
+from runner import eventloop
 from runner.config import Job
 from runner.distributed.shards import load_shard
 from runner.engine import EngineSettings
@@ -65,6 +64,6 @@ def run_shard(task: ShardTask) -> Execution:
                 settings=task.settings,
                 write=False,
             )
-            return anyio.run(run)
+            return eventloop.run(run)
     finally:
         store.close()
