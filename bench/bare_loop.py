@@ -2,7 +2,10 @@
 through the same connection pool, with nothing else: no limiter, no store,
 nothing written. It is the fastest a Python aiohttp client can drain the input.
 
-    python bench/bare_loop.py BASE_URL INPUT.jsonl CONCURRENCY MAX_TOKENS
+    python bench/bare_loop.py BASE_URL INPUT.jsonl CONCURRENCY MAX_TOKENS LOOP
+
+LOOP is `uvloop` (the loop the runner runs on) or `asyncio` (the standard one,
+which a script that calls `asyncio.run` gets).
 
 Prints one JSON line: {"requests": N, "ok": N, "seconds": S} (S from the first
 request to the last answer).
@@ -56,5 +59,9 @@ async def drain(base_url: str, requests: list[tuple[str, bytes]], concurrency: i
 
 
 if __name__ == "__main__":
-    base_url, source, concurrency, max_tokens = sys.argv[1:5]
-    run_asyncio(drain(base_url, bodies(Path(source), int(max_tokens)), int(concurrency)))
+    base_url, source, concurrency, max_tokens, loop = sys.argv[1:6]
+    main = drain(base_url, bodies(Path(source), int(max_tokens)), int(concurrency))
+    if loop == "uvloop":
+        run_asyncio(main)
+    else:
+        asyncio.run(main)

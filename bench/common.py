@@ -142,11 +142,15 @@ class Sending:
     server_cpu_s: float
 
 
-def bare_loop(work: Path, *options: str, concurrency: int, max_tokens: int = 16) -> Sending:
-    """`bare_loop.py` over `work`/in.jsonl against a fresh `simulator(*options)`."""
+def bare_loop(
+    work: Path, *options: str, concurrency: int, max_tokens: int = 16, loop: str = "uvloop"
+) -> Sending:
+    """`bare_loop.py` over `work`/in.jsonl against a fresh `simulator(*options)`,
+    on `loop` ("uvloop", the runner's, or "asyncio")."""
     with simulator(*options) as sim:
         script = str(Path(__file__).with_name("bare_loop.py"))
-        args = [sys.executable, script, sim.base_url, "in.jsonl", str(concurrency), str(max_tokens)]
+        args = [sys.executable, script, sim.base_url, "in.jsonl", str(concurrency)]
+        args += [str(max_tokens), loop]
         idle_cpu_s = sim.cpu_s()
         done = check(measure(args, cwd=work), "the bare loop")
         server_cpu_s = sim.cpu_s() - idle_cpu_s

@@ -51,7 +51,8 @@ def run(quick: bool) -> list[str]:
             f"    runner submit      {runner:6.0f} req/s while sending ({rows / wall:.0f} end to"
             f" end): ratio to the bound {ratio:.2f} (target >= {TARGET})"
             f" {'ok' if ratio >= TARGET else 'MISSED'}",
-            f"    bare aiohttp loop  {bare:6.0f} req/s: ratio to the bound {bare / bound:.2f};"
+            f"    bare aiohttp loop  {bare:6.0f} req/s (on uvloop, as the runner):"
+            f" ratio to the bound {bare / bound:.2f};"
             f" runner / bare {runner / bare:.2f}",
             f"    CPU ms per request, simulator / client: bare loop run {_cpu_ms(done)},"
             f" runner run {_cpu_ms(sent)} (the runner's whole process, registration included)",

@@ -43,7 +43,7 @@ from runner.provider import ProviderClient
 from runner.records import Outcome, Reply, Status
 from runner.retry import RetryPolicy
 from runner.secrets import Secret
-from runner.store import FailedAttempt, PendingRequest, Store
+from runner.store import SENDS_KEPT_S, FailedAttempt, PendingRequest, Store
 
 PAGE_ROWS = 512
 T = TypeVar("T")
@@ -212,7 +212,8 @@ class _Lane:
             window_s=engine._settings.window_s,
             margin_s=engine._settings.margin_s,
         )
-        span = engine._settings.window_s + engine._settings.margin_s
+        # (a window longer than the sends kept, never the default, remembers what is kept)
+        span = min(engine._settings.window_s + engine._settings.margin_s, SENDS_KEPT_S)
         self.limiter.remember(engine._store.recent_sends(tenant, within_s=span))
         self.budget = BudgetGuard(tenant, config, engine._prices, engine._run_id)
         if self.budget.cap_micros is not None:

@@ -20,6 +20,8 @@ from types import TracebackType
 
 from runner.errors import RunLocked
 
+_SCHEMA_LOCK = "schema.lock"
+
 
 def locks_folder(state: Path) -> Path:
     return state.parent / f".{state.name}.locks"
@@ -32,12 +34,39 @@ def schema_lock(state: Path) -> Iterator[None]:
     other, the second finding nothing left to do."""
     folder = locks_folder(state)
     folder.mkdir(parents=True, exist_ok=True)
-    handle = os.open(folder / "schema.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    handle = os.open(folder / _SCHEMA_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
     finally:
         os.close(handle)  # closing the descriptor releases the flock
+
+
+def runs_held_elsewhere(state: Path) -> list[str]:
+    """Who ("pid N on HOST") holds a run lock on `state`, other than this process:
+    a schema upgrade must not move rows from under a run of an older runner."""
+    holders = []
+    for path in sorted(locks_folder(state).glob("*.lock")):
+        if path.name == _SCHEMA_LOCK:
+            continue
+        handle = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(handle)
+            if holder != _this_process():
+                holders.append(holder)
+        finally:
+            os.close(handle)  # (releases the probe's lock, if it got one)
+    return holders
+
+
+def _this_process() -> str:
+    return f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+def _holder(handle: int) -> str:
+    return os.pread(handle, 200, 0).decode("utf-8", "replace").strip() or "unknown"
 
 
 class RunLock:
@@ -60,14 +89,14 @@ class RunLock:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(handle, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            holder = _holder(handle)
             os.close(handle)
             raise RunLocked(
                 f"run {self.run_id!r} is already running ({holder}); wait for it to finish, "
                 "or stop that process (a killed one releases the run at once)"
             ) from None
         os.ftruncate(handle, 0)
-        os.pwrite(handle, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        os.pwrite(handle, _this_process().encode(), 0)
         self._handle = handle
         return self
 

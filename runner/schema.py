@@ -177,19 +177,21 @@ def m005_sources_until_answered(db: Database) -> None:
 @migrations()
 def m006_recent_sends(db: Database) -> None:
     """The next run's limiters need each tenant's sends of the last minute; they
-    move from an index over every request ever sent to a table of the last few
-    minutes' sends (see `Store.recent_sends`). requests.sent_at stays, unused."""
+    move from an index over every request ever sent to a table of the last two
+    minutes' sends, a row per tenant and checkpoint (see `Store.recent_sends`).
+    requests.sent_at stays, unused."""
     db.executescript(
         """
         CREATE TABLE recent_sends (       -- sends of the last minutes, for limiters to come
             sent_at REAL NOT NULL,        -- unix time
             tenant TEXT NOT NULL,
-            tokens INTEGER NOT NULL       -- the TPM cost the limiter charged
+            requests INTEGER NOT NULL,
+            tokens INTEGER NOT NULL       -- the TPM cost the limiter charged them
         );
         CREATE INDEX recent_sends_at ON recent_sends(sent_at);
         INSERT INTO recent_sends
-            SELECT sent_at, tenant, prompt_estimate + max_tokens FROM requests
-            WHERE sent_at > (julianday('now') - 2440587.5) * 86400.0 - 300;
+            SELECT sent_at, tenant, 1, prompt_estimate + max_tokens FROM requests
+            WHERE sent_at > (julianday('now') - 2440587.5) * 86400.0 - 120;
         DROP INDEX requests_recent;
         """
     )

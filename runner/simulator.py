@@ -499,6 +499,9 @@ class Simulator:
         return self._state.snapshot()
 
 
+_BACKLOG = 4096  # (Linux caps it at net.core.somaxconn, 4096 by default)
+
+
 @asynccontextmanager
 async def running_simulator(
     config: SimulatorConfig = SimulatorConfig(), *, host: str = "127.0.0.1", port: int = 0
@@ -506,12 +509,15 @@ async def running_simulator(
     """Serve on host:port (0 = a free port) in the current loop for the block's duration.
 
     Shutdown waits at most a second for handlers, so slow answers never hold it up.
+    The listen backlog takes a whole pool's connections at once, as a provider's
+    does: at the default 128, a client opening 1,000 saw its SYNs dropped,
+    retried a second later, and now and then its connections reset.
     """
     app = build_app(config)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, backlog=_BACKLOG).start()
         yield Simulator(app[_STATE], host, int(runner.addresses[0][1]))
     finally:
         await runner.cleanup()

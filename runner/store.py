@@ -34,7 +34,7 @@ from sqlite_utils import Database
 from runner import ledger
 from runner.errors import StateError
 from runner.ledger import Balance, Entry, Kind
-from runner.locks import schema_lock
+from runner.locks import runs_held_elsewhere, schema_lock
 from runner.records import Outcome, Rejection, Request, Status
 from runner.schema import migrations
 
@@ -102,6 +102,10 @@ class SendMark:
     reservation: Entry | None = None
     cap_micros: int = 0
 
+    def __post_init__(self) -> None:
+        if self.attempt is not None and not (self.tenant and self.tokens > 0):
+            raise ValueError(f"a send of request {self.seq} needs its tenant and TPM cost")
+
 
 @dataclass(frozen=True, slots=True)
 class FailedAttempt:
@@ -158,6 +162,12 @@ class Store:
             )
         if known - applied:
             with schema_lock(self.path):
+                if holders := runs_held_elsewhere(self.path):
+                    raise StateError(
+                        f"{self.path}: the state database needs an upgrade to this runner's "
+                        f"schema, but runs of an older runner are using it ({', '.join(holders)});"
+                        " try again once they end"
+                    )
                 migrations.apply(self.db)  # (what another process applied meanwhile is skipped)
 
     def close(self) -> None:
@@ -481,16 +491,22 @@ class Store:
         return in_flight
 
     def recent_sends(self, tenant: str, *, within_s: float) -> list[tuple[float, int]]:
-        """(seconds ago, TPM cost) of the tenant's sends in the last `within_s`
-        seconds (at most `SENDS_KEPT_S`), by any run in this database."""
+        """(seconds ago, TPM cost) of each of the tenant's sends in the last
+        `within_s` seconds (at most `SENDS_KEPT_S`), by any run in this database.
+        The sends of one checkpoint are kept together, so their costs come back
+        evenly shared, with the same sum."""
         if within_s > SENDS_KEPT_S:
             raise ValueError(f"sends are kept {SENDS_KEPT_S:.0f}s, not {within_s}s")
         now = time.time()
         rows = self.db.execute(
-            "SELECT sent_at, tokens FROM recent_sends WHERE sent_at > ? AND tenant = ?",
+            "SELECT sent_at, requests, tokens FROM recent_sends WHERE sent_at > ? AND tenant = ?",
             [now - within_s, tenant],
         ).fetchall()
-        return [(now - sent_at, cost) for sent_at, cost in rows]
+        sends = []
+        for sent_at, requests, tokens in rows:
+            share, extra = divmod(tokens, requests)
+            sends += [(now - sent_at, share + (i < extra)) for i in range(requests)]
+        return sends
 
     def _release_reservations(self, run_id: str) -> None:
         """Release what the run's rows still hold (call inside a transaction)."""
@@ -591,7 +607,7 @@ class Store:
             )
             ledger.record(conn, entries, now)
             marked = []
-            sending = []
+            sending: dict[str, list[int]] = {}  # tenant -> [requests, tokens]
             reservations: list[Entry] = []
             reserving: dict[tuple[str, str], int] = {}  # (tenant, period) -> micros
             for mark in sends:
@@ -614,7 +630,9 @@ class Store:
                     )
                 if mark.attempt is not None:
                     marked.append((mark.attempt, run_id, mark.seq))
-                    sending.append((sent_at, mark.tenant, mark.tokens))
+                    counted = sending.setdefault(mark.tenant, [0, 0])
+                    counted[0] += 1
+                    counted[1] += mark.tokens
             ledger.record(conn, reservations, now)
             conn.executemany(
                 "UPDATE requests SET status = 'sent', attempts = ? WHERE run_id = ? AND seq = ?",
@@ -622,7 +640,9 @@ class Store:
             )
             if sending:
                 conn.executemany(
-                    "INSERT INTO recent_sends (sent_at, tenant, tokens) VALUES (?, ?, ?)", sending
+                    "INSERT INTO recent_sends (sent_at, tenant, requests, tokens)"
+                    " VALUES (?, ?, ?, ?)",
+                    [(sent_at, tenant, *counted) for tenant, counted in sending.items()],
                 )
                 conn.execute("DELETE FROM recent_sends WHERE sent_at < ?", [sent_at - SENDS_KEPT_S])
         return refused

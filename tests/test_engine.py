@@ -154,6 +154,34 @@ async def test_limits_hold_at_a_strict_server_without_a_single_429(
     assert stats["max_window_requests"] == {"acme": 10, "globex": 10}
 
 
+async def test_a_run_started_right_after_another_counts_its_sends_in_the_window(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    """The second run's limiter starts with the first run's sends of the last
+    window, read from the state database, so the two together stay within it."""
+    tenants = {"acme": {"rpm": 10, "tpm": 100_000, "max_parallel": 8}}
+    config = SimulatorConfig(rpm=10, window_s=2.0, keys=SIM_KEYS)
+    job_input = write_input(tmp_path, 10, ("acme",))
+    async with running_simulator(config) as sim:
+        job = write_job(job_input, base_url=sim.base_url, tenants=tenants)
+        settings = EngineSettings(window_s=2.0, margin_s=0.1)
+        for run_id in ("first", "second"):
+            result = await run_job_async(job, run_id=run_id, environ=ENVIRON, settings=settings)
+            assert result.counts == {"done": 10}
+        stats = sim.stats()
+    assert stats["by_status"] == {"200": 20}
+    assert stats["max_window_requests"] == {"acme": 10}
+
+
+async def test_a_window_longer_than_the_sends_kept_remembers_what_is_kept(
+    tmp_path: Path, write_job: JobWriter
+) -> None:
+    async with running_simulator(SimulatorConfig(keys=SIM_KEYS)) as sim:
+        job = write_job(write_input(tmp_path, 3), base_url=sim.base_url)
+        result = await run(job, settings=EngineSettings(window_s=3600.0))
+    assert result.counts == {"done": 3}
+
+
 async def test_a_429_pauses_the_lane_and_every_row_still_finishes(
     tmp_path: Path, write_job: JobWriter
 ) -> None:

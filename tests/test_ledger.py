@@ -105,7 +105,9 @@ def test_a_reservation_that_does_not_fit_is_refused_with_the_balance(tmp_path: P
 def test_requeue_releases_the_reservations_of_rows_in_flight(tmp_path: Path) -> None:
     store = new_store(tmp_path / "state.db", 2)
     entry = Entry("acme", "2026-12", Kind.RESERVE, 300, "m", "r", 0)
-    store.checkpoint("r", sends=[SendMark(0, reservation=entry, cap_micros=CAP), SendMark(0, 1)])
+    store.checkpoint(
+        "r", sends=[SendMark(0, reservation=entry, cap_micros=CAP), SendMark(0, 1, "acme", 18)]
+    )
     assert store.balance("acme", "2026-12").reserved_micros == 300
     assert store.requeue("r") == 1
     assert store.balance("acme", "2026-12").reserved_micros == 0
@@ -209,6 +211,8 @@ def test_a_day_budget_starts_afresh_the_next_day(tmp_path: Path) -> None:
 def test_deleting_a_run_releases_what_its_rows_still_held(tmp_path: Path) -> None:
     store = new_store(tmp_path / "state.db", 2)
     entry = Entry("acme", "2026-12", Kind.RESERVE, 300, "m", "r", 0)
-    store.checkpoint("r", sends=[SendMark(0, reservation=entry, cap_micros=CAP), SendMark(0, 1)])
+    store.checkpoint(
+        "r", sends=[SendMark(0, reservation=entry, cap_micros=CAP), SendMark(0, 1, "acme", 18)]
+    )
     store.delete_run("r")  # submit --restart
     assert store.balance("acme", "2026-12").reserved_micros == 0

@@ -101,6 +101,9 @@ def test_a_shard_runs_on_its_own_database_and_merges_into_the_run_exactly_once(
     once = ledger_rows(store.path)
     merge(store, "r", task.db, "t:0#")  # a driver that died before removing the shard
     assert ledger_rows(store.path) == once
+    # the next run's limiters count the shard's sends, each once
+    remembered = {t: len(store.recent_sends(t, within_s=60.5)) for t in ("acme", "globex")}
+    assert remembered == {"acme": 15, "globex": 15}
 
     counts = {c.tenant: c.by_status for c in store.counts("r")}
     assert counts == {"acme": {"done": 15}, "globex": {"done": 15}, "nobody": {"rejected": 1}}

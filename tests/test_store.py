@@ -14,10 +14,10 @@ from sqlite_utils import Database
 
 from runner.errors import StateError
 from runner.ledger import Entry, Kind
-from runner.locks import schema_lock
+from runner.locks import RunLock, schema_lock
 from runner.records import Outcome, Rejection, Request, Status, Usage
 from runner.schema import migrations
-from runner.store import FailedAttempt, SendMark, Store
+from runner.store import SENDS_KEPT_S, FailedAttempt, SendMark, Store
 from tests.conftest import ledger_charges, new_run
 
 
@@ -66,7 +66,7 @@ def test_lanes_page_pending_rows_in_input_order(store: Store) -> None:
 
 
 def test_requeue_resends_what_was_in_flight_and_retries_deferred(store: Store) -> None:
-    store.checkpoint("r", sends=[SendMark(0, 1), SendMark(1, 1)])
+    store.checkpoint("r", sends=[SendMark(0, 1, "acme", 18), SendMark(1, 1, "globex", 18)])
     store.defer_tenant("r", "acme", "no key")
     assert statuses(store)[2] == "deferred" and statuses(store)[0] == "sent"
     assert store.requeue("r") == 2
@@ -85,7 +85,7 @@ def test_a_checkpoint_commits_outcomes_failures_and_charges_together(store: Stor
     usage = Usage(prompt_tokens=8, completion_tokens=5, cached_tokens=2)
     store.checkpoint(
         "r",
-        sends=[SendMark(2, 1)],
+        sends=[SendMark(2, 1, "acme", 18)],
         outcomes=[Outcome(0, Status.DONE, 2, response="hi", usage=usage, cost_micros=17)],
         failures=[FailedAttempt(0, 1, 503, "HTTP 503")],
         entries=[Entry("acme", "2026-12", Kind.CHARGE, 17, "m", "r", 0)],
@@ -95,6 +95,28 @@ def test_a_checkpoint_commits_outcomes_failures_and_charges_together(store: Stor
     assert (acme.prompt_tokens, acme.cached_tokens, acme.completion_tokens) == (8, 2, 5)
     assert acme.cost_micros == ledger_charges(store, "r") == 17
     assert store.db.execute("SELECT attempt, http_status FROM attempts").fetchall() == [(1, 503)]
+
+
+def test_sends_are_remembered_for_the_limiters_of_runs_to_come(store: Store) -> None:
+    """One row per tenant and checkpoint; read back as one send each, the tokens
+    shared with their sum kept; forgotten once older than SENDS_KEPT_S."""
+    acme = [SendMark(seq, 1, "acme", tokens) for seq, tokens in [(0, 18), (2, 18), (4, 19)]]
+    store.checkpoint("r", sends=[*acme, SendMark(1, 1, "globex", 18)])
+    assert store.db.execute("SELECT tenant, requests, tokens FROM recent_sends").fetchall() == [
+        ("acme", 3, 55),
+        ("globex", 1, 18),
+    ]
+    remembered = store.recent_sends("acme", within_s=60.5)
+    assert sorted(tokens for _, tokens in remembered) == [18, 18, 19]
+    assert all(0 <= age < 5 for age, _ in remembered)
+    assert [tokens for _, tokens in store.recent_sends("globex", within_s=60.5)] == [18]
+    store.db.execute("UPDATE recent_sends SET sent_at = sent_at - ?", [SENDS_KEPT_S + 1])
+    store.db.conn.commit()
+    assert store.recent_sends("acme", within_s=60.5) == []
+    store.checkpoint("r", sends=[SendMark(0, 2, "acme", 18)])
+    assert store.db.execute("SELECT tenant, requests FROM recent_sends").fetchall() == [("acme", 1)]
+    with pytest.raises(ValueError, match="kept"):
+        store.recent_sends("acme", within_s=SENDS_KEPT_S + 1)
 
 
 def kept_bodies(store: Store) -> dict[int, str]:
@@ -318,6 +340,43 @@ def test_processes_that_open_an_older_database_at_once_upgrade_it_in_turn(
     assert [p.wait(timeout=60) for p in [first, *others]] == [0, 0, 0, 0]
     upgraded = applied_migrations(path)
     assert {"m003_bodies_until_answered", "m004_ledger_rows_sum_requests"} <= upgraded
+
+
+def test_an_upgrade_waits_for_the_runs_of_an_older_runner_to_end(tmp_path: Path) -> None:
+    """A migration moves rows (bodies, sources) from under any process of the
+    older release still running on the database, so it is refused until that
+    run ends; a run lock this process holds itself (the Ray driver's on a shard)
+    does not stand in the way."""
+    path = tmp_path / "state.db"
+    db = Database(path)
+    migrations.apply(db, stop_before="m003_bodies_until_answered")
+    db.close()
+    script = (
+        "import pathlib, sys; from runner.locks import RunLock; "
+        "lock = RunLock(pathlib.Path(sys.argv[1]), 'nightly').__enter__(); "
+        "print('held', flush=True); input()"
+    )
+    older = subprocess.Popen(
+        [sys.executable, "-c", script, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert older.stdout is not None and older.stdout.readline() == "held\n"
+        with pytest.raises(StateError, match=f"older runner are using it \\(pid {older.pid} on"):
+            Store(path)
+        assert "m003_bodies_until_answered" not in applied_migrations(path)
+    finally:
+        older.communicate("\n", timeout=30)
+    with RunLock(path, "own"):
+        Store(path).close()
+    assert "m006_recent_sends" in applied_migrations(path)
+
+
+def test_a_send_mark_without_its_tenant_and_cost_is_refused() -> None:
+    with pytest.raises(ValueError, match="tenant and TPM cost"):
+        SendMark(0, 1)
 
 
 def applied_migrations(path: Path) -> set[str]:

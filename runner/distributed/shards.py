@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -43,7 +44,7 @@ from runner.ledger import Entry, Kind, period_of
 from runner.records import Request
 from runner.sources import file_hash
 from runner.sources import parquet as parquet_source
-from runner.store import SOURCE, Store, missing_body, utc_now
+from runner.store import SENDS_KEPT_S, SOURCE, Store, missing_body, utc_now
 
 HAND_OFF = "budget handed to Ray workers"
 SHARD_SCHEMA = pa.schema(
@@ -81,7 +82,6 @@ _OUTCOME_COLUMNS = (
     "raw_body",
     "reserved_micros",
     "reserved_period",
-    "sent_at",
 )
 _LEDGER_COLUMNS = (
     "id, tenant, period, kind, amount_micros, model, run_id, seq, prompt_tokens, cached_tokens,"
@@ -253,8 +253,9 @@ def merge(store: Store, run_id: str, shard_db: Path, tag: str) -> set[tuple[str,
 
 def _merge_requests(conn: sqlite3.Connection, run_id: str) -> None:
     """Outcomes of rows the shard worked on; a row the run finished meanwhile
-    (by another engine) keeps its outcome. Failed attempts are added once; the
-    bodies of rows now done are no longer needed."""
+    (by another engine) keeps its outcome. Failed attempts and recent sends (for
+    the limiters of runs to come) are added once; the bodies of rows now done
+    are no longer needed."""
     assignments = ", ".join(f"{column} = s.{column}" for column in _OUTCOME_COLUMNS)
     conn.execute(
         f"UPDATE requests SET {assignments} FROM shard.requests AS s"
@@ -275,6 +276,13 @@ def _merge_requests(conn: sqlite3.Connection, run_id: str) -> None:
         " WHERE s.run_id = :run AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.run_id = :run"
         " AND a.seq = s.seq AND a.attempt = s.attempt AND a.at = s.at)",
         {"run": run_id},
+    )
+    conn.execute(
+        "INSERT INTO recent_sends (sent_at, tenant, requests, tokens)"
+        " SELECT s.sent_at, s.tenant, s.requests, s.tokens FROM shard.recent_sends AS s"
+        " WHERE s.sent_at > :since AND NOT EXISTS (SELECT 1 FROM recent_sends AS r"
+        " WHERE r.sent_at = s.sent_at AND r.tenant = s.tenant)",
+        {"since": time.time() - SENDS_KEPT_S},
     )
 
 

@@ -173,7 +173,7 @@ def test_sigkill_under_provider_faults_and_budgets_keeps_the_money_exact(
     """Ten more kills, while the provider fails 10 % of requests, drops 5 % of
     connections and every tenant spends against a cap."""
     rng = random.Random(7)
-    capped = {t: {**FAST_TENANTS[t], "rpm": 1200, "monthly_budget_usd": 1} for t in TENANTS}
+    capped = {t: {**FAST_TENANTS[t], "rpm": 600, "monthly_budget_usd": 1} for t in TENANTS}
     config = SimulatorConfig(
         latency_s=0.02, latency_jitter_s=0.05, error_rate=0.1, drop_rate=0.05, seed=3
     )
