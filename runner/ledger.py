@@ -1,7 +1,8 @@
 """The money ledger: rows of reservations, releases, charges, holds and top-ups,
-and a balance per tenant and budget period kept equal to the ledger's sums. A
-transaction's entries of one kind, tenant, run, model and price share a row that
-counts its requests, so the ledger grows by checkpoints, not by requests.
+and a balance per tenant and budget period kept equal to the ledger's sums. The
+entries of one minute that share their kind, tenant, run, model and price share
+a row that counts its requests, so the ledger grows with time, not with requests
+(a million answers add a few rows per tenant and minute, not a million).
 
 Kinds and what they do to a balance:
 
@@ -139,10 +140,11 @@ def record(conn: sqlite3.Connection, entries: Iterable[Entry], at: str) -> None:
     """Append entries and move their balances; call inside a transaction.
 
     Entries that differ only in their request (`seq`), amount and tokens are
-    summed into one row that counts its requests: a checkpoint of a thousand
-    answers adds a row per tenant, model and price, not a thousand, and every
-    total a report or invoice reads is unchanged. The request rows keep each
-    request's own cost and usage."""
+    summed into one row that counts its requests, and added to the row of the
+    same minute (`at`, UTC) that they would share, if it is one of the latest:
+    every total a report or invoice reads is unchanged, and so is the month a
+    row falls in. The request rows keep each request's own cost and usage. A
+    top-up is always a row of its own, as it was given."""
     summed: dict[tuple[object, ...], Entry] = {}
     deltas: dict[tuple[str, str, str], int] = {}
     for entry in entries:
@@ -152,6 +154,7 @@ def record(conn: sqlite3.Connection, entries: Iterable[Entry], at: str) -> None:
         column, sign = _EFFECT[entry.kind]
         balance_key = (entry.tenant, entry.period, column)
         deltas[balance_key] = deltas.get(balance_key, 0) + sign * entry.amount_micros
+    new_rows = [e for e in summed.values() if not _added_to_a_row_of_the_minute(conn, e, at)]
     conn.executemany(
         "INSERT INTO ledger (tenant, period, kind, amount_micros, model, run_id, seq, reason,"
         " prompt_tokens, cached_tokens, completion_tokens, price_input, price_cached_input,"
@@ -173,7 +176,7 @@ def record(conn: sqlite3.Connection, entries: Iterable[Entry], at: str) -> None:
                 e.requests,
                 at,
             )
-            for e in summed.values()
+            for e in new_rows
         ],
     )
     for (tenant, period, column), delta in deltas.items():
@@ -182,6 +185,45 @@ def record(conn: sqlite3.Connection, entries: Iterable[Entry], at: str) -> None:
             f" ON CONFLICT (tenant, period) DO UPDATE SET {column} = {column} + excluded.{column}",
             (tenant, period, delta),
         )
+
+
+# How many of a tenant's latest rows of a period and kind an entry may be added
+# to: enough for a few models or runs at once, few enough to stay a short read.
+_LATEST_ROWS = 8
+_MINUTE = len("2026-12-03T10:34")
+
+
+def _added_to_a_row_of_the_minute(conn: sqlite3.Connection, entry: Entry, at: str) -> bool:
+    """Add `entry` to one of its tenant's latest rows of its period and kind that
+    it would be summed with and that began in the same minute as `at`; False if
+    there is none."""
+    if entry.kind is Kind.TOPUP:
+        return False
+    latest = conn.execute(
+        "SELECT id, at, model, run_id, reason, price_input, price_cached_input, price_output,"
+        " prompt_tokens, cached_tokens, completion_tokens FROM ledger"
+        " WHERE tenant = ? AND period = ? AND kind = ? ORDER BY id DESC LIMIT ?",
+        (entry.tenant, entry.period, entry.kind.value, _LATEST_ROWS),
+    ).fetchall()
+    for ident, row_at, model, run_id, reason, p_in, p_cached, p_out, *tokens in latest:
+        prices = None if p_in is None else (p_in, p_cached, p_out)
+        row_key = (entry.tenant, entry.period, entry.kind, model, run_id, reason, prices)
+        if row_key != _sum_key(entry) or row_at[:_MINUTE] != at[:_MINUTE]:
+            continue
+        adding = (entry.prompt_tokens, entry.cached_tokens, entry.completion_tokens)
+        conn.execute(
+            "UPDATE ledger SET seq = NULL, amount_micros = amount_micros + ?,"
+            " requests = requests + ?, prompt_tokens = ?, cached_tokens = ?,"
+            " completion_tokens = ? WHERE id = ?",
+            (
+                entry.amount_micros,
+                entry.requests,
+                *(_plus(a, b) for a, b in zip(tokens, adding, strict=True)),
+                ident,
+            ),
+        )
+        return True
+    return False
 
 
 def _sum_key(entry: Entry) -> tuple[object, ...]:

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from runner import ledger
 from runner.budget import BudgetGuard
 from runner.config import Tenant
 from runner.ledger import Entry, Kind, invoice_lines, month_summary, period_of
@@ -174,6 +175,45 @@ def test_a_checkpoint_sums_its_charges_by_model_and_price_and_reports_count_requ
     ]
     (summary,) = store.read_ledger(lambda conn: month_summary(conn, month))
     assert (summary.requests, summary.charged_micros, summary.prompt_tokens) == (4, 67, 40)
+
+
+def test_the_entries_of_one_minute_share_a_row_and_a_new_minute_starts_one(
+    tmp_path: Path,
+) -> None:
+    """Checkpoints add to the row of their minute (so the ledger grows with time,
+    not requests), models and runs apart; a top-up is always its own row."""
+    store = new_store(tmp_path / "state.db", 1)
+
+    def charge(model: str, amount: int, run_id: str = "r") -> Entry:
+        entry = Entry("acme", "2026-12", Kind.CHARGE, amount, model, run_id, 0)
+        return replace(entry, prompt_tokens=amount, cached_tokens=0, completion_tokens=1)
+
+    checkpoints = [
+        ("2026-12-03T10:34:01.000+00:00", [charge("m", 10)]),
+        ("2026-12-03T10:34:02.000+00:00", [charge("m2", 5)]),
+        ("2026-12-03T10:34:59.999+00:00", [charge("m", 20), charge("m", 30, run_id="r2")]),
+        ("2026-12-03T10:34:59.999+00:00", [Entry("acme", "2026-12", Kind.TOPUP, 7, reason="t")]),
+        ("2026-12-03T10:34:59.999+00:00", [Entry("acme", "2026-12", Kind.TOPUP, 7, reason="t")]),
+        ("2026-12-03T10:35:00.000+00:00", [charge("m", 40)]),
+    ]
+    for at, entries in checkpoints:
+        with store.transaction() as conn:
+            ledger.record(conn, entries, at)
+    rows = store.db.execute(
+        "SELECT at, kind, model, run_id, seq, amount_micros, prompt_tokens, completion_tokens,"
+        " requests FROM ledger ORDER BY id"
+    ).fetchall()
+    assert rows == [
+        ("2026-12-03T10:34:01.000+00:00", "charge", "m", "r", None, 30, 30, 2, 2),
+        ("2026-12-03T10:34:02.000+00:00", "charge", "m2", "r", 0, 5, 5, 1, 1),
+        ("2026-12-03T10:34:59.999+00:00", "charge", "m", "r2", 0, 30, 30, 1, 1),
+        ("2026-12-03T10:34:59.999+00:00", "topup", None, None, None, 7, None, None, 1),
+        ("2026-12-03T10:34:59.999+00:00", "topup", None, None, None, 7, None, None, 1),
+        ("2026-12-03T10:35:00.000+00:00", "charge", "m", "r", 0, 40, 40, 1, 1),
+    ]
+    balance = store.balance("acme", "2026-12")
+    assert (balance.charged_micros, balance.topup_micros) == (105, 14)
+    store.close()
 
 
 def test_budget_periods_are_utc_months_days_or_all_time() -> None:
