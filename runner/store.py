@@ -142,12 +142,14 @@ class Store:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = Database(self.path)
-            # Takes effect on a new database, or on an old one at its next VACUUM
-            # (`runner prune`): freed pages can then be handed back without one.
-            self.db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            self.db.execute("PRAGMA busy_timeout=10000")
+            if not int(self.db.execute("PRAGMA page_count").fetchone()[0]):
+                # Set once, on a new database (on an old one it takes effect at its
+                # next VACUUM, `runner prune`), so that freed pages can be handed
+                # back without one; set on every open, it would take the write lock.
+                self.db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute("PRAGMA busy_timeout=10000")
             self._migrate()
         except sqlite3.DatabaseError as exc:
             raise StateError(f"{self.path}: cannot open the state database: {exc}") from None
@@ -162,13 +164,15 @@ class Store:
             )
         if known - applied:
             with schema_lock(self.path):
+                if not migrations.pending(self.db):
+                    return  # another process upgraded it while this one waited
                 if holders := runs_held_elsewhere(self.path):
                     raise StateError(
                         f"{self.path}: the state database needs an upgrade to this runner's "
                         f"schema, but runs of an older runner are using it ({', '.join(holders)});"
                         " try again once they end"
                     )
-                migrations.apply(self.db)  # (what another process applied meanwhile is skipped)
+                migrations.apply(self.db)
 
     def close(self) -> None:
         self.db.close()

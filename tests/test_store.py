@@ -405,3 +405,21 @@ def test_resuming_a_run_reads_no_finished_row(store: Store) -> None:
         assert steps, (query, plan)
         for step in steps:
             assert step.startswith("SEARCH") and any(s in step for s in selective), (query, step)
+
+
+def test_opening_an_up_to_date_database_takes_no_write_lock(tmp_path: Path) -> None:
+    """A command that opens the database (status, report, another run) must not
+    wait on a long write, such as a prune's VACUUM, just to open it."""
+    path = tmp_path / "state.db"
+    Store(path).close()
+    writer = sqlite3.connect(path, timeout=0)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        store = Store(path)
+        assert time.monotonic() - started < 2.0
+        assert int(store.db.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2  # incremental
+        store.close()
+    finally:
+        writer.rollback()
+        writer.close()
