@@ -205,10 +205,11 @@ def _added_to_a_row_of_the_minute(conn: sqlite3.Connection, entry: Entry, at: st
         " WHERE tenant = ? AND period = ? AND kind = ? ORDER BY id DESC LIMIT ?",
         (entry.tenant, entry.period, entry.kind.value, _LATEST_ROWS),
     ).fetchall()
+    key = _sum_key(entry)
     for ident, row_at, model, run_id, reason, p_in, p_cached, p_out, *tokens in latest:
         prices = None if p_in is None else (p_in, p_cached, p_out)
         row_key = (entry.tenant, entry.period, entry.kind, model, run_id, reason, prices)
-        if row_key != _sum_key(entry) or row_at[:_MINUTE] != at[:_MINUTE]:
+        if row_key != key or row_at[:_MINUTE] != at[:_MINUTE]:
             continue
         adding = (entry.prompt_tokens, entry.cached_tokens, entry.completion_tokens)
         conn.execute(
