@@ -13,6 +13,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -68,8 +69,9 @@ def simulator(*options: str) -> Iterator[Simulator]:
 
 @dataclass(frozen=True)
 class Measured:
-    """One finished subprocess: its exit code, output, wall time, peak RSS and
-    CPU seconds (user plus system)."""
+    """One finished subprocess: its exit code, output, wall time, peak RSS (of
+    the process and its children together: a run over several processes is
+    counted whole) and CPU seconds (user plus system, children included)."""
 
     returncode: int
     stdout: str
@@ -94,17 +96,27 @@ class Running:
             stdout=self._out,
             stderr=self._err,
         )
+        self._tree_peak_mb = 0.0
+        self._sampler = threading.Thread(target=self._sample_tree_rss, daemon=True)
+        self._sampler.start()
 
     def wait(self) -> Measured:
-        """Wait for the end; its own peak RSS and CPU time come from `wait4`, so
-        no other process is counted."""
+        """Wait for the end. CPU time comes from `wait4` (the process and the
+        children it waited for, no other process); peak RSS is the larger of its
+        own (`wait4`) and the sum over it and its children, sampled every 100 ms."""
         _, status, usage = os.wait4(self.process.pid, 0)
         wall = time.monotonic() - self.started
         self.process.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait again
+        self._sampler.join()
         stdout, stderr = (self._read_and_close(handle) for handle in (self._out, self._err))
         cpu = usage.ru_utime + usage.ru_stime
-        peak_mb = usage.ru_maxrss / 1024
+        peak_mb = max(usage.ru_maxrss / 1024, self._tree_peak_mb)
         return Measured(self.process.returncode, stdout, stderr, wall, peak_mb, cpu)
+
+    def _sample_tree_rss(self) -> None:
+        while self.process.returncode is None:
+            self._tree_peak_mb = max(self._tree_peak_mb, _tree_rss_mb(self.process.pid))
+            time.sleep(0.1)
 
     @staticmethod
     def _read_and_close(handle: IO[str]) -> str:
@@ -112,6 +124,18 @@ class Running:
         text = handle.read()
         handle.close()
         return text
+
+
+def _tree_rss_mb(pid: int) -> float:
+    """The resident memory of `pid` and its descendants, from Linux /proc (0 for
+    a process that has gone meanwhile)."""
+    try:
+        pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    own = pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+    return own + sum(_tree_rss_mb(int(child)) for child in children)
 
 
 def measure(args: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None) -> Measured:

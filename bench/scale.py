@@ -4,8 +4,8 @@ Runs a 100,000-row and a 1,000,000-row Parquet input (prompts of 200-2,000
 characters stitched from real questions, 10 tenants) through `runner submit`
 against the zero-latency simulator, and prints:
 
-- peak RSS of the runner process (target < 500 MB) and the ratio of the two
-  peaks (target <= 1.3);
+- peak RSS of the runner, its child processes included (target < 500 MB),
+  and the ratio of the two peaks (target <= 1.3);
 - registration: the time from starting the process to the server seeing its
   first request (interpreter start-up included), as a share of the whole run
   (target < 20 %);

@@ -153,7 +153,7 @@ async def run_job_async(
             files = _new_input_files(spec, store)
             input_hash = combined_hash(files) if is_pattern(spec.job.input) else files[0][1]
             run_id = resolve_run_id(run_id or spec.job.run_id, spec, input_hash)
-        with RunLock(store.path, run_id):
+        with RunLock(store.path, run_id) as lock:
             info = store.run(run_id)
             if info is not None and (info.phase == "registering" or restart):
                 store.delete_run(run_id)  # killed while registering, or asked to start over
@@ -168,7 +168,15 @@ async def run_job_async(
                 _check_tenants_kept(store, info, spec)
                 store.update_job(run_id, spec.to_json())
             return await _execute(
-                store, run_id, spec, environ, on_progress, handle_signals, settings, retry_failed
+                store,
+                run_id,
+                lock,
+                spec,
+                environ,
+                on_progress,
+                handle_signals,
+                settings,
+                retry_failed,
             )
     finally:
         store.close()
@@ -248,7 +256,7 @@ async def resume_async(
     environ = os.environ if environ is None else environ
     store = Store(state_path(state, environ), create=False)
     try:
-        with RunLock(store.path, run_id):
+        with RunLock(store.path, run_id) as lock:
             info = store.require_run(run_id)
             if info.phase == "registering":
                 raise StateError(
@@ -258,7 +266,15 @@ async def resume_async(
             _check_not_pruned(info)
             spec = Job.from_json(info.job_json)
             return await _execute(
-                store, run_id, spec, environ, on_progress, handle_signals, settings, retry_failed
+                store,
+                run_id,
+                lock,
+                spec,
+                environ,
+                on_progress,
+                handle_signals,
+                settings,
+                retry_failed,
             )
     finally:
         store.close()
@@ -289,6 +305,7 @@ def _check_same_input(info: RunInfo, job: Job, input_hash: str) -> None:
 async def _execute(
     store: Store,
     run_id: str,
+    lock: RunLock,
     job: Job,
     environ: Mapping[str, str],
     on_progress: ProgressCallback | None,
@@ -324,6 +341,7 @@ async def _execute(
             handle_signals=handle_signals,
             settings=settings,
             retry_failed=retry_failed,
+            run_lock=lock,
         )
     if not execution.interrupted:
         _release_free_pages(store)

@@ -45,6 +45,8 @@ class JobSection(_Section):
     default_tenant: str | None = None
     run_id: Annotated[str, Field(min_length=1)] = "{job}-{input_hash}"
     engine: EngineName = "local"
+    # The local engine's processes: each runs whole tenants (see runner/lane_processes.py).
+    processes: Annotated[int, Field(gt=0, le=64)] | Literal["auto"] = "auto"
 
     @field_validator("output")
     @classmethod

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Coroutine, Mapping
+from collections.abc import Collection, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -83,6 +83,7 @@ class Engine:
         "_run_id",
         "_settings",
         "_store",
+        "_tenants",
         "alerts",
         "stopping",
     )
@@ -97,7 +98,9 @@ class Engine:
         client: ProviderClient,
         prices: Mapping[str, Price],
         settings: EngineSettings = EngineSettings(),
+        tenants: Collection[str] | None = None,
     ) -> None:
+        """`tenants`: the run's tenants this engine sends for (None: all of them)."""
         self._store = store
         self._run_id = run_id
         self._job = job
@@ -105,6 +108,7 @@ class Engine:
         self._client = client
         self._prices = prices
         self._settings = settings
+        self._tenants = None if tenants is None else frozenset(tenants)
         self.alerts = Alerts(store, job)
         self._checkpointer = Checkpointer(store, run_id, on_commit=self.alerts.check)
         self._lanes: list[_Lane] = []
@@ -129,6 +133,7 @@ class Engine:
         self._lanes = [
             _Lane(self, tenant, largest, policy)
             for tenant, largest in self._store.lane_tenants(self._run_id).items()
+            if self._tenants is None or tenant in self._tenants
         ]
         try:
             with self._cancel:

@@ -100,6 +100,13 @@ class RunLock:
         self._handle = handle
         return self
 
+    def fileno(self) -> int:
+        """The locked descriptor: a child process that inherits it holds the run
+        with this process, so the run stays locked until every holder has exited."""
+        if self._handle is None:
+            raise RuntimeError(f"run lock {self.run_id!r} is not held")
+        return self._handle
+
     def __exit__(
         self,
         kind: type[BaseException] | None,

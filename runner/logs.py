@@ -34,6 +34,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, ensure_ascii=False, default=str)
 
 
+def current_format() -> LogFormat:
+    """The format `configure` last set: "text" unless it was "json"."""
+    json_handlers = (h for h in log.handlers if isinstance(h.formatter, JsonFormatter))
+    return "json" if any(json_handlers) else "text"
+
+
 def configure(fmt: LogFormat = "text") -> None:
     """Send the `runner` logger to stderr in `fmt`, replacing earlier handlers."""
     handler = logging.StreamHandler(sys.stderr)

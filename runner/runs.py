@@ -5,12 +5,12 @@ anything is sent, so the set of rows is fixed and a resume never re-reads the
 input. A submit refused half-way (bad input, unpriced model, Ctrl-C) leaves no
 run behind. Execution wires the engine to the provider (or the bundled
 simulator), the progress display and, in the main thread, SIGINT/SIGTERM: the
-first signal stops gracefully, the second at once.
+first signal stops gracefully, the second at once. A run with many rows over
+several tenants runs its engines in child processes (`lane_processes.py`).
 """
 
 from __future__ import annotations
 
-import signal
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
@@ -20,8 +20,11 @@ from pathlib import Path
 import anyio
 
 from runner.config import BUILTIN_SIMULATOR, Job
+from runner.control import Lanes, stop_on_signals
 from runner.engine import Engine, EngineSettings
 from runner.errors import InputError
+from runner.lane_processes import LaneProcesses, tenant_groups
+from runner.locks import RunLock
 from runner.logs import log
 from runner.progress import TenantProgress
 from runner.provider import ProviderClient
@@ -106,51 +109,75 @@ async def execute(
     progress_interval_s: float = 0.5,
     retry_failed: bool = False,
     write: bool = True,
+    run_lock: RunLock | None = None,
 ) -> Execution:
-    """Send the run's pending rows; on a clean end, write its outputs (unless
-    `write` is False: a Ray shard's rows are written by the driver, after the merge)."""
+    """Send the run's pending rows, in this process or, when the job's
+    `processes` say so, in child processes that hold `run_lock` with this one;
+    on a clean end, write its outputs (unless `write` is False: a Ray shard's
+    rows are written by the driver, after the merge)."""
     info = store.require_run(run_id)
     requeued = store.requeue(run_id, retry_failed=retry_failed)
     store.set_phase(run_id, "running")
     baseline = store.status_counts(run_id)
-    keys = resolve_keys(job, store.lane_tenants(run_id), environ)
     settings = settings or EngineSettings(keep_raw_body=info.input_format == "openai_batch")
+    groups = tenant_groups(store, run_id, job)
     async with AsyncExitStack() as stack:
         base_url = job.provider.base_url
         if base_url == BUILTIN_SIMULATOR:
             base_url = (await stack.enter_async_context(running_simulator(DEMO_SIMULATOR))).base_url
-        client = ProviderClient(
-            base_url,
-            timeout_s=job.provider.timeout_s,
-            pool_size=sum(tenant.max_parallel for tenant in job.tenants.values()),
-        )
-        stack.push_async_callback(client.aclose)
-        engine = Engine(
-            store,
-            run_id,
-            job,
-            keys=keys,
-            client=client,
-            prices=job.price_table(),
-            settings=settings,
-        )
+        lanes: Lanes
+        if len(groups) > 1:
+            log.info(
+                "run %s: %d tenant(s) in %d processes",
+                run_id,
+                sum(map(len, groups)),
+                len(groups),
+                extra={"event": "processes", "run_id": run_id},
+            )
+            lanes = LaneProcesses(
+                store.path,
+                run_id,
+                job,
+                groups,
+                base_url=base_url,
+                settings=settings,
+                environ=environ,
+                lock_fd=None if run_lock is None else run_lock.fileno(),
+                progress_interval_s=progress_interval_s,
+            )
+        else:
+            client = ProviderClient(
+                base_url,
+                timeout_s=job.provider.timeout_s,
+                pool_size=sum(tenant.max_parallel for tenant in job.tenants.values()),
+            )
+            stack.push_async_callback(client.aclose)
+            lanes = Engine(
+                store,
+                run_id,
+                job,
+                keys=resolve_keys(job, store.lane_tenants(run_id), environ),
+                client=client,
+                prices=job.price_table(),
+                settings=settings,
+            )
         async with anyio.create_task_group() as group:
             if handle_signals:
-                group.start_soon(_stop_on_signals, engine, settings.grace_s)
+                group.start_soon(stop_on_signals, lanes, settings.grace_s)
             if on_progress is not None:
-                group.start_soon(_report, engine, baseline, on_progress, progress_interval_s)
-            await engine.run()
+                group.start_soon(_report, lanes, baseline, on_progress, progress_interval_s)
+            await lanes.run()
             group.cancel_scope.cancel()
         if on_progress is not None:
-            on_progress(_snapshot(engine, baseline))
+            on_progress(_snapshot(lanes, baseline))
     outputs: list[Path] = []
-    if engine.stopping:
+    if lanes.stopping:
         store.set_phase(run_id, "interrupted")
     elif write:
         outputs = write_outputs(store, run_id)
     else:
         store.set_phase(run_id, "finished")
-    return Execution(interrupted=engine.stopping, requeued=requeued, outputs=tuple(outputs))
+    return Execution(interrupted=lanes.stopping, requeued=requeued, outputs=tuple(outputs))
 
 
 def write_outputs(store: Store, run_id: str) -> list[Path]:
@@ -172,50 +199,29 @@ def batch_output_paths(output: Path) -> tuple[Path, Path]:
     return output.with_suffix(".output.jsonl"), output.with_suffix(".errors.jsonl")
 
 
-async def _stop_on_signals(engine: Engine, grace_s: float) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            fields = {"event": "stopping", "run_id": engine.run_id}
-            if engine.stopping:
-                log.warning(
-                    "stopping now; requests in flight will be sent again on resume", extra=fields
-                )
-                engine.abort()
-            else:
-                in_flight = sum(lane.in_flight for lane in engine.progress())
-                log.warning(
-                    "stopping: no new requests; waiting up to %.0fs for %d in flight "
-                    "(interrupt again to stop at once)",
-                    grace_s,
-                    in_flight,
-                    extra=fields,
-                )
-                engine.stop()
-
-
 async def _report(
-    engine: Engine,
+    lanes: Lanes,
     baseline: Mapping[str, Mapping[str, int]],
     on_progress: ProgressCallback,
     interval_s: float,
 ) -> None:
     while True:
-        on_progress(_snapshot(engine, baseline))
+        on_progress(_snapshot(lanes, baseline))
         await anyio.sleep(interval_s)
 
 
-def _snapshot(engine: Engine, baseline: Mapping[str, Mapping[str, int]]) -> list[TenantProgress]:
+def _snapshot(lanes: Lanes, baseline: Mapping[str, Mapping[str, int]]) -> list[TenantProgress]:
     """Counts from before the run plus what each lane finished since."""
-    lanes = {lane.tenant: lane for lane in engine.progress()}
+    by_tenant = {lane.tenant: lane for lane in lanes.progress()}
     snapshot = []
     for tenant, by_status in baseline.items():
-        lane = lanes.get(tenant)
+        lane = by_tenant.get(tenant)
         merged = Counter(by_status)
         for status, count in (lane.finished if lane else {}).items():
             merged[status.value] += count
         snapshot.append(
             TenantProgress(
-                run_id=engine.run_id,
+                run_id=lanes.run_id,
                 tenant=tenant,
                 total=sum(by_status.values()),
                 done=merged[Status.DONE.value],

@@ -57,11 +57,17 @@ async def run(job: Path, **kwargs: Any) -> RunResult:
     return await run_job_async(job, run_id="r", **kwargs)
 
 
+@pytest.mark.parametrize("processes", [1, 3])
 async def test_every_row_is_done_once_with_its_own_tenants_key(
-    tmp_path: Path, write_job: JobWriter
+    tmp_path: Path, write_job: JobWriter, processes: int
 ) -> None:
+    """In one process, or one per tenant: the keys reach the children from the
+    caller's `environ`, which is not the process environment."""
     async with running_simulator(SimulatorConfig(keys=SIM_KEYS)) as sim:
-        result = await run(write_job(write_input(tmp_path, 60), base_url=sim.base_url))
+        job = write_job(
+            write_input(tmp_path, 60), base_url=sim.base_url, job=f"processes = {processes}"
+        )
+        result = await run(job)
         stats = sim.stats()
     assert result.exit_code == 0
     assert result.counts == {"done": 60}
@@ -238,12 +244,15 @@ async def test_retries_exhausted_fail_the_row_with_the_last_error(
         assert "HTTP 50" in row["error"] and "gave up after 4 attempts" in row["error"]
 
 
+@pytest.mark.parametrize("processes", [1, 3])
 async def test_a_refused_key_defers_only_that_tenant_and_resume_finishes_it(
-    tmp_path: Path, write_job: JobWriter
+    tmp_path: Path, write_job: JobWriter, processes: int
 ) -> None:
     refusing = SimulatorConfig(keys=SIM_KEYS, refuse={KEYS["globex"]: 401})
     async with running_simulator(refusing) as sim:
-        job = write_job(write_input(tmp_path, 30), base_url=sim.base_url)
+        job = write_job(
+            write_input(tmp_path, 30), base_url=sim.base_url, job=f"processes = {processes}"
+        )
         first = await run(job)
     by_tenant = {t.tenant: t.by_status for t in first.tenants}
     assert by_tenant["acme"] == {"done": 10} and by_tenant["initech"] == {"done": 10}
@@ -263,14 +272,18 @@ async def test_a_refused_key_defers_only_that_tenant_and_resume_finishes_it(
     assert second.exit_code == 0 and second.counts == {"done": 30}
 
 
+@pytest.mark.parametrize("processes", [1, 3])
 async def test_a_missing_key_defers_the_tenant_with_the_variable_to_set(
-    tmp_path: Path, write_job: JobWriter
+    tmp_path: Path, write_job: JobWriter, monkeypatch: pytest.MonkeyPatch, processes: int
 ) -> None:
+    """The caller's `environ` decides, even where the process environment has the key."""
+    monkeypatch.setenv("INITECH_API_KEY", "sk-from-the-shell")
     async with running_simulator() as sim:
         environ = {name: key for name, key in ENVIRON.items() if not name.startswith("INITECH")}
-        result = await run(
-            write_job(write_input(tmp_path, 9), base_url=sim.base_url), environ=environ
+        job = write_job(
+            write_input(tmp_path, 9), base_url=sim.base_url, job=f"processes = {processes}"
         )
+        result = await run(job, environ=environ)
         assert sim.stats()["requests"] == 6
     initech = [row for row in output_rows(tmp_path) if row["tenant"] == "initech"]
     assert {row["status"] for row in initech} == {"deferred"}

@@ -349,8 +349,8 @@ def _read(store: Store, sql: str, params: list[object]) -> list[tuple[Any, ...]]
 
 def shard_caps(job: Job, caps: Mapping[str, int]) -> Job:
     """The job a shard's worker runs: each handed-off tenant capped at what it was
-    handed, and no alerts (they fire in the driver, against the real cap, after
-    the merge)."""
+    handed, no alerts (they fire in the driver, against the real cap, after
+    the merge), and one process (Ray gives each worker its core)."""
     tenants = {
         name: tenant.model_copy(
             update={
@@ -361,7 +361,7 @@ def shard_caps(job: Job, caps: Mapping[str, int]) -> Job:
         )
         for name, tenant in job.tenants.items()
     }
-    section = job.job.model_copy(update={"engine": "local"})
+    section = job.job.model_copy(update={"engine": "local", "processes": 1})
     return job.model_copy(update={"tenants": tenants, "job": section})
 
 

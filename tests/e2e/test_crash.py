@@ -5,7 +5,9 @@ so it outlives every killed runner and its `/stats` is the witness of what was s
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import random
 import signal
 import sqlite3
@@ -17,6 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from runner.locks import RunLock
 from runner.simulator import SimulatorConfig, SimulatorThread
 from tests.conftest import JobWriter
 
@@ -136,13 +139,18 @@ def test_sigkill_at_random_moments_then_resume_loses_nothing_and_resends_only_in
     assert ledger == round(sum(table.column("cost_usd").to_pylist()) * 1e6)
 
 
+@pytest.mark.parametrize("processes", [1, 2])
 def test_sigint_stops_gracefully_with_exit_130_and_resume_finishes(
-    tmp_path: Path, write_job: JobWriter, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, write_job: JobWriter, monkeypatch: pytest.MonkeyPatch, processes: int
 ) -> None:
+    """With two processes the signal reaches the parent alone, which relays it."""
     config = SimulatorConfig(latency_s=0.3)
     with SimulatorThread(config) as sim:
         job = write_job(
-            write_input(tmp_path / "in.jsonl", 90), base_url=sim.base_url, tenants=FAST_TENANTS
+            write_input(tmp_path / "in.jsonl", 90),
+            base_url=sim.base_url,
+            tenants=FAST_TENANTS,
+            job=f"processes = {processes}",
         )
         use_keys(monkeypatch)
         process = start(job, tmp_path)
@@ -204,12 +212,16 @@ def test_sigkill_under_provider_faults_and_budgets_keeps_the_money_exact(
     assert sums["reserve"] == sums["release"] and balances[1] == 0  # nothing left reserved
 
 
+@pytest.mark.parametrize("processes", [1, 3])
 def test_sigterm_stops_gracefully_and_a_second_signal_stops_at_once(
-    tmp_path: Path, write_job: JobWriter, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, write_job: JobWriter, monkeypatch: pytest.MonkeyPatch, processes: int
 ) -> None:
     with SimulatorThread(SimulatorConfig(latency_s=5.0)) as sim:
         job = write_job(
-            write_input(tmp_path / "in.jsonl", 30), base_url=sim.base_url, tenants=FAST_TENANTS
+            write_input(tmp_path / "in.jsonl", 30),
+            base_url=sim.base_url,
+            tenants=FAST_TENANTS,
+            job=f"processes = {processes}",
         )
         use_keys(monkeypatch)
         process = start(job, tmp_path)
@@ -229,3 +241,64 @@ def test_sigterm_stops_gracefully_and_a_second_signal_stops_at_once(
     statuses = [status for status, *_ in request_rows(tmp_path / "state.db").values()]
     assert statuses.count("sent") == 24  # in flight: sent again on resume
     assert not (tmp_path / "out" / "result.parquet").exists()
+
+
+def test_sigkill_of_a_multi_process_run_ends_its_children_and_resume_finishes(
+    tmp_path: Path, write_job: JobWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The children hold the run lock with the parent: after the parent's SIGKILL
+    the run stays locked until they have stopped sending, and then they go."""
+    rows = 600
+    config = SimulatorConfig(latency_s=0.05, latency_jitter_s=0.1)
+    with SimulatorThread(config) as sim:
+        job = write_job(
+            write_input(tmp_path / "in.jsonl", rows),
+            base_url=sim.base_url,
+            tenants={t: {**FAST_TENANTS[t], "rpm": 1200} for t in TENANTS},
+            job="processes = 3",
+        )
+        use_keys(monkeypatch)
+        process = start(job, tmp_path)
+        deadline = time.monotonic() + 60
+        while done_rows(tmp_path / "state.db") < 60 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=60)
+        lock = lock_file(tmp_path / "state.db", "night")
+        released_in = wait_for_the_lock(lock, timeout_s=20)
+        sent = sim.stats()["requests"]
+        time.sleep(1.0)
+        assert sim.stats()["requests"] == sent  # no orphan sends on
+        assert released_in < 10
+        assert integrity(tmp_path / "state.db") == "ok"
+        assert 60 <= done_rows(tmp_path / "state.db") < rows
+
+        run_to_the_end(job, tmp_path)
+        seen = sim.stats()["client_request_ids"]
+    state = request_rows(tmp_path / "state.db")
+    assert {status for status, *_ in state.values()} == {"done"}
+    for seq, (_, attempts, resends, _) in state.items():
+        assert seen[f"night:{seq}"]["received"] <= attempts
+        assert seen[f"night:{seq}"]["ok"] <= 1 + resends
+    assert pq.read_table(tmp_path / "out" / "result.parquet").num_rows == rows
+
+
+def lock_file(state: Path, run_id: str) -> Path:
+    return RunLock(state, run_id).path
+
+
+def wait_for_the_lock(path: Path, *, timeout_s: float) -> float:
+    """Seconds until `path` could be locked; fails the test after `timeout_s`."""
+    started = time.monotonic()
+    handle = os.open(path, os.O_RDWR)
+    try:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                assert time.monotonic() - started < timeout_s, "the run stayed locked"
+                time.sleep(0.02)
+            else:
+                return time.monotonic() - started
+    finally:
+        os.close(handle)
