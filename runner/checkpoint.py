@@ -19,6 +19,8 @@ from runner.ledger import Balance, Entry
 from runner.records import Outcome
 from runner.store import FailedAttempt, SendMark, Store
 
+_BUSY_RETRY_S = 0.002
+
 
 class _Flush:
     """One flush: the event its waiters wait on, and what it refused."""
@@ -102,26 +104,38 @@ class Checkpointer:
         self._failures.append(failure)
 
     async def run(self) -> None:
-        """Flush whenever a send waits, or every `interval_s`; runs until cancelled."""
+        """Flush whenever a send waits, or every `interval_s`; runs until cancelled.
+        While another process writes, it retries every `_BUSY_RETRY_S` instead of
+        waiting inside SQLite, so the event loop goes on meanwhile."""
         while True:
             with anyio.move_on_after(self._interval_s):
                 await self._wakeup.wait()
             self._wakeup = anyio.Event()
-            self.flush()
+            while not self.flush(wait=False):  # noqa: ASYNC110 (SQLite signals no release)
+                await anyio.sleep(_BUSY_RETRY_S)
 
-    def flush(self) -> None:
-        """Commit everything queued, then release the sends that waited for it."""
+    def flush(self, *, wait: bool = True) -> bool:
+        """Commit everything queued, then release the sends that waited for it.
+        Without `wait`, False (everything still queued) while another process
+        holds the database's write lock."""
         if not (self._sends or self._outcomes or self._failures or self._entries):
-            return
-        flush, self._next = self._next, _Flush()
-        sends, self._sends = self._sends, []
-        outcomes, self._outcomes = self._outcomes, []
-        failures, self._failures = self._failures, []
-        entries, self._entries = self._entries, []
-        flush.refused = self._store.checkpoint(
-            self._run_id, sends=sends, outcomes=outcomes, failures=failures, entries=entries
+            return True
+        refused = self._store.checkpoint(
+            self._run_id,
+            sends=self._sends,
+            outcomes=self._outcomes,
+            failures=self._failures,
+            entries=self._entries,
+            wait=wait,
         )
+        if refused is None:
+            return False
+        flush, self._next = self._next, _Flush()
+        entries = self._entries
+        self._sends, self._outcomes, self._failures, self._entries = [], [], [], []
+        flush.refused = refused
         self.commits += 1
         flush.done.set()
         if self._on_commit is not None and entries:
             self._on_commit(entries)
+        return True

@@ -142,7 +142,7 @@ class Store:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = Database(self.path)
-            self.db.execute("PRAGMA busy_timeout=10000")
+            self.db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
             if not int(self.db.execute("PRAGMA page_count").fetchone()[0]):
                 # Set once, on a new database (on an old one it takes effect at its
                 # next VACUUM, `runner prune`), so that freed pages can be handed
@@ -581,75 +581,18 @@ class Store:
         outcomes: Sequence[Outcome] = (),
         failures: Iterable[FailedAttempt] = (),
         entries: Iterable[Entry] = (),
-    ) -> dict[int, Balance]:
+        wait: bool = True,
+    ) -> dict[int, Balance] | None:
         """One transaction: rows about to be sent, outcomes, failed attempts and
         ledger entries. A send whose reservation does not fit its tenant's
         available budget is refused (not marked); the refused are returned with
-        the balance that refused them."""
-        now = utc_now()
-        sent_at = time.time()
-        refused: dict[int, Balance] = {}
-        with self._write():
-            conn = self.db.conn
-            # Settle first, so budget released by this batch is there for its sends.
-            conn.executemany(
-                "UPDATE requests SET status = ?, attempts = ?, response = ?, finish_reason = ?,"
-                " prompt_tokens = ?, cached_tokens = ?, completion_tokens = ?,"
-                " reasoning_tokens = ?, cost_micros = ?, latency_ms = ?, error = ?, raw_body = ?,"
-                " reserved_micros = NULL, reserved_period = NULL"
-                " WHERE run_id = ? AND seq = ?",
-                [(*_outcome_values(outcome), run_id, outcome.seq) for outcome in outcomes],
-            )
-            conn.executemany(
-                "DELETE FROM request_bodies WHERE run_id = ? AND seq = ?",
-                [(run_id, outcome.seq) for outcome in outcomes if outcome.status is Status.DONE],
-            )
-            conn.executemany(
-                "INSERT INTO attempts (run_id, seq, attempt, at, http_status, error)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [(run_id, f.seq, f.attempt, now, f.http_status, f.error) for f in failures],
-            )
-            ledger.record(conn, entries, now)
-            marked = []
-            sending: dict[str, list[int]] = {}  # tenant -> [requests, tokens]
-            reservations: list[Entry] = []
-            reserving: dict[tuple[str, str], int] = {}  # (tenant, period) -> micros
-            for mark in sends:
-                reservation = mark.reservation
-                if reservation is not None:
-                    key = (reservation.tenant, reservation.period)
-                    current = ledger.balance(conn, *key)
-                    current = replace(
-                        current, reserved_micros=current.reserved_micros + reserving.get(key, 0)
-                    )
-                    if current.available_micros(mark.cap_micros) < reservation.amount_micros:
-                        refused[mark.seq] = current
-                        continue
-                    reserving[key] = reserving.get(key, 0) + reservation.amount_micros
-                    reservations.append(reservation)
-                    conn.execute(
-                        "UPDATE requests SET reserved_micros = ?, reserved_period = ?"
-                        " WHERE run_id = ? AND seq = ?",
-                        (reservation.amount_micros, reservation.period, run_id, mark.seq),
-                    )
-                if mark.attempt is not None:
-                    marked.append((mark.attempt, run_id, mark.seq))
-                    counted = sending.setdefault(mark.tenant, [0, 0])
-                    counted[0] += 1
-                    counted[1] += mark.tokens
-            ledger.record(conn, reservations, now)
-            conn.executemany(
-                "UPDATE requests SET status = 'sent', attempts = ? WHERE run_id = ? AND seq = ?",
-                marked,
-            )
-            if sending:
-                conn.executemany(
-                    "INSERT INTO recent_sends (sent_at, tenant, requests, tokens)"
-                    " VALUES (?, ?, ?, ?)",
-                    [(sent_at, tenant, *counted) for tenant, counted in sending.items()],
-                )
-                conn.execute("DELETE FROM recent_sends WHERE sent_at < ?", [sent_at - SENDS_KEPT_S])
-        return refused
+        the balance that refused them. Without `wait`, None at once (nothing
+        written) while another process holds the write lock."""
+        try:
+            with self._write(wait=wait):
+                return _checkpoint(self.db.conn, run_id, sends, outcomes, failures, entries)
+        except _Busy:
+            return None
 
     def balance(self, tenant: str, period: str) -> Balance:
         return ledger.balance(self.db.conn, tenant, period)
@@ -773,13 +716,26 @@ class Store:
             yield self.db.conn
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[None]:
+    def _write(self, *, wait: bool = True) -> Iterator[None]:
         """An IMMEDIATE transaction: it takes the write lock first, so a balance it
         reads cannot change before it writes, even with other processes. A locked
-        or broken database becomes a `StateError`."""
+        or broken database becomes a `StateError`; without `wait`, a write lock
+        another process holds is `_Busy` at once (SQLite's own wait blocks the
+        thread, and with it the event loop, in steps of up to 100 ms)."""
         conn = self.db.conn
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            if wait:
+                conn.execute("BEGIN IMMEDIATE")
+            else:
+                conn.execute("PRAGMA busy_timeout=0")
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as exc:
+                    if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                        raise
+                    raise _Busy from None
+                finally:
+                    conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
             try:
                 yield
             except BaseException:
@@ -793,6 +749,12 @@ class Store:
 
 
 _INCREMENTAL = 2  # what PRAGMA auto_vacuum reads for INCREMENTAL
+_BUSY_TIMEOUT_MS = 10_000
+
+
+class _Busy(Exception):
+    """Another process holds the database's write lock."""
+
 
 # How long a send is remembered for the limiters of runs to come: longer than a
 # provider's one-minute window, so a run started just after another (or resumed
@@ -822,6 +784,78 @@ RESULT_COLUMNS = (
     "error",
     "raw_body",
 )
+
+
+def _checkpoint(
+    conn: sqlite3.Connection,
+    run_id: str,
+    sends: Sequence[SendMark],
+    outcomes: Sequence[Outcome],
+    failures: Iterable[FailedAttempt],
+    entries: Iterable[Entry],
+) -> dict[int, Balance]:
+    """`Store.checkpoint`'s writes, inside its transaction."""
+    now = utc_now()
+    sent_at = time.time()
+    refused: dict[int, Balance] = {}
+    # Settle first, so budget released by this batch is there for its sends.
+    conn.executemany(
+        "UPDATE requests SET status = ?, attempts = ?, response = ?, finish_reason = ?,"
+        " prompt_tokens = ?, cached_tokens = ?, completion_tokens = ?,"
+        " reasoning_tokens = ?, cost_micros = ?, latency_ms = ?, error = ?, raw_body = ?,"
+        " reserved_micros = NULL, reserved_period = NULL"
+        " WHERE run_id = ? AND seq = ?",
+        [(*_outcome_values(outcome), run_id, outcome.seq) for outcome in outcomes],
+    )
+    conn.executemany(
+        "DELETE FROM request_bodies WHERE run_id = ? AND seq = ?",
+        [(run_id, outcome.seq) for outcome in outcomes if outcome.status is Status.DONE],
+    )
+    conn.executemany(
+        "INSERT INTO attempts (run_id, seq, attempt, at, http_status, error)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        [(run_id, f.seq, f.attempt, now, f.http_status, f.error) for f in failures],
+    )
+    ledger.record(conn, entries, now)
+    marked = []
+    sending: dict[str, list[int]] = {}  # tenant -> [requests, tokens]
+    reservations: list[Entry] = []
+    reserving: dict[tuple[str, str], int] = {}  # (tenant, period) -> micros
+    for mark in sends:
+        reservation = mark.reservation
+        if reservation is not None:
+            key = (reservation.tenant, reservation.period)
+            current = ledger.balance(conn, *key)
+            current = replace(
+                current, reserved_micros=current.reserved_micros + reserving.get(key, 0)
+            )
+            if current.available_micros(mark.cap_micros) < reservation.amount_micros:
+                refused[mark.seq] = current
+                continue
+            reserving[key] = reserving.get(key, 0) + reservation.amount_micros
+            reservations.append(reservation)
+            conn.execute(
+                "UPDATE requests SET reserved_micros = ?, reserved_period = ?"
+                " WHERE run_id = ? AND seq = ?",
+                (reservation.amount_micros, reservation.period, run_id, mark.seq),
+            )
+        if mark.attempt is not None:
+            marked.append((mark.attempt, run_id, mark.seq))
+            counted = sending.setdefault(mark.tenant, [0, 0])
+            counted[0] += 1
+            counted[1] += mark.tokens
+    ledger.record(conn, reservations, now)
+    conn.executemany(
+        "UPDATE requests SET status = 'sent', attempts = ? WHERE run_id = ? AND seq = ?",
+        marked,
+    )
+    if sending:
+        conn.executemany(
+            "INSERT INTO recent_sends (sent_at, tenant, requests, tokens) VALUES (?, ?, ?, ?)",
+            [(sent_at, tenant, *counted) for tenant, counted in sending.items()],
+        )
+        conn.execute("DELETE FROM recent_sends WHERE sent_at < ?", [sent_at - SENDS_KEPT_S])
+    return refused
 
 
 def _outcome_values(outcome: Outcome) -> tuple[Any, ...]:

@@ -8,10 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+import anyio
 import pyarrow as pa
 import pytest
 from sqlite_utils import Database
 
+from runner.checkpoint import Checkpointer
 from runner.errors import StateError
 from runner.ledger import Entry, Kind
 from runner.locks import RunLock, schema_lock
@@ -95,6 +97,47 @@ def test_a_checkpoint_commits_outcomes_failures_and_charges_together(store: Stor
     assert (acme.prompt_tokens, acme.cached_tokens, acme.completion_tokens) == (8, 2, 5)
     assert acme.cost_micros == ledger_charges(store, "r") == 17
     assert store.db.execute("SELECT attempt, http_status FROM attempts").fetchall() == [(1, 503)]
+
+
+def test_a_checkpoint_that_may_not_wait_writes_nothing_while_another_process_writes(
+    store: Store,
+) -> None:
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process's write transaction
+    started = time.monotonic()
+    assert store.checkpoint("r", sends=[SendMark(2, 1, "acme", 18)], wait=False) is None
+    assert time.monotonic() - started < 0.5  # at once, not after the busy timeout
+    other.execute("ROLLBACK")
+    assert statuses(store)[2] == "pending"
+    assert store.db.execute("PRAGMA busy_timeout").fetchone() == (10_000,)  # restored
+    assert store.checkpoint("r", sends=[SendMark(2, 1, "acme", 18)], wait=False) == {}
+    assert statuses(store)[2] == "sent"
+    other.close()
+
+
+@pytest.mark.anyio
+async def test_the_checkpointer_lets_the_event_loop_run_while_another_process_writes(
+    store: Store,
+) -> None:
+    """SQLite's own wait would block the thread, and every lane with it."""
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    checkpointer = Checkpointer(store, "r")
+    ticks = 0
+    async with anyio.create_task_group() as group:
+        group.start_soon(checkpointer.run)
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as sending:
+                sending.start_soon(checkpointer.mark_sent, 2, 1, "acme", 18)
+                for _ in range(30):
+                    await anyio.sleep(0.01)
+                    ticks += 1
+                assert statuses(store)[2] == "pending"
+                other.execute("ROLLBACK")
+        group.cancel_scope.cancel()
+    assert ticks == 30
+    assert statuses(store)[2] == "sent"
+    other.close()
 
 
 def test_sends_are_remembered_for_the_limiters_of_runs_to_come(store: Store) -> None:
