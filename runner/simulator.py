@@ -140,6 +140,9 @@ def sim_tokens(text: str) -> int:
     return total
 
 
+_VOCAB_TOKENS = {word: sim_tokens(word) for word in _VOCAB}  # the same capitalised
+
+
 def prompt_tokens(messages: list[dict[str, Any]]) -> int:
     """Prompt tokens as the simulator reports them; list content counts "text" parts only."""
     total = 3
@@ -153,28 +156,30 @@ def prompt_tokens(messages: list[dict[str, Any]]) -> int:
     return total
 
 
-def _answer(model: str, messages: list[dict[str, Any]], limit: int | None) -> tuple[str, bool]:
+def _answer(model: str, messages: list[dict[str, Any]], limit: int | None) -> tuple[str, bool, int]:
     """A reply of 5..120 words picked by a sha256 of the model and the last user message.
 
-    Cut to whole words within `limit` sim tokens; returns (content, was it cut).
+    Cut to whole words within `limit` sim tokens; returns (content, was it cut,
+    its sim tokens).
     """
     last = ([m for m in messages if m.get("role") == "user"] or messages)[-1].get("content")
     digest = hashlib.sha256(json.dumps([model, last], sort_keys=True).encode()).digest()
     rng = random.Random(int.from_bytes(digest[:8], "big"))
-    n_words, sentence_left = 5 + digest[8] % 116, 0
+    words = rng.choices(_VOCAB, k=5 + digest[8] % 116)
     pieces: list[str] = []
-    for i in range(n_words):
-        word = rng.choice(_VOCAB)
+    used = sentence_left = 0
+    for i, word in enumerate(words):
+        tokens = _VOCAB_TOKENS[word]
         if sentence_left == 0:
             word, sentence_left = word.capitalize(), rng.randint(4, 12)
         sentence_left -= 1
-        pieces.append(word + ("." if sentence_left == 0 or i == n_words - 1 else ""))
-    used = 0
-    for kept, piece in enumerate(pieces):
-        used += sim_tokens(piece)
-        if limit is not None and used > limit:
-            return " ".join(pieces[:kept]), True
-    return " ".join(pieces), False
+        if sentence_left == 0 or i == len(words) - 1:
+            word, tokens = word + ".", tokens + 1
+        if limit is not None and used + tokens > limit:
+            return " ".join(pieces), True, used
+        pieces.append(word)
+        used += tokens
+    return " ".join(pieces), False, used
 
 
 def _error(message: str, kind: str, code: str | None = None) -> dict[str, Any]:
@@ -420,8 +425,8 @@ async def _chat(request: web.Request) -> web.Response:
     # exceeds the max_tokens a client reserved budget for.
     reasoning = cfg.reasoning_tokens if limit is None else min(cfg.reasoning_tokens, limit)
     visible = None if limit is None else limit - reasoning
-    content, cut = _answer(body["model"], body["messages"], visible)
-    completion = reasoning + sim_tokens(content)
+    content, cut, visible_tokens = _answer(body["model"], body["messages"], visible)
+    completion = reasoning + visible_tokens
     cached = math.floor(prompt * cfg.cached_fraction)
     payload: dict[str, Any] = {
         "id": f"chatcmpl-sim-{seq:08x}",

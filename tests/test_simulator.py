@@ -149,9 +149,9 @@ async def test_answer_is_deterministic_and_shaped_like_openai() -> None:
     async with simulator() as client:
         fresh_server = await client.ok()
     content = first["choices"][0]["message"]["content"]
-    assert content.startswith("Token token the steady a every every. Checkpoint data ")
+    assert content.startswith("Answer stable the request stable value. Runner fair runner ")
     assert len(content.split()) == 116
-    assert first["usage"]["completion_tokens"] == 142
+    assert first["usage"]["completion_tokens"] == 146
     assert content == again["choices"][0]["message"]["content"]
     assert content == fresh_server["choices"][0]["message"]["content"]
     assert content != other_model["choices"][0]["message"]["content"]
@@ -173,14 +173,14 @@ async def test_max_tokens_cuts_the_answer() -> None:
         roomy = await client.ok(chat(max_tokens=500))
     assert cut["choices"][0] == {
         "index": 0,
-        "message": {"role": "assistant", "content": "Token token the"},
+        "message": {"role": "assistant", "content": "Answer stable the"},
         "finish_reason": "length",
     }
     assert cut["usage"]["completion_tokens"] == 3
-    assert cut_too["choices"][0]["message"]["content"] == "Token token the steady a every"
+    assert cut_too["choices"][0]["message"]["content"] == "Answer stable the request stable"
     assert cut_too["choices"][0]["finish_reason"] == "length"
     assert roomy["choices"][0]["finish_reason"] == "stop"
-    assert roomy["usage"]["completion_tokens"] == 142
+    assert roomy["usage"]["completion_tokens"] == 146
 
 
 async def test_cached_and_reasoning_tokens() -> None:
@@ -190,9 +190,9 @@ async def test_cached_and_reasoning_tokens() -> None:
         chinese = await client.ok(chat("请用三句话总结这份报告。", max_tokens=3))
     assert full["usage"]["prompt_tokens_details"] == {"cached_tokens": 11}  # floor(22 * 0.5)
     assert full["usage"]["completion_tokens_details"] == {"reasoning_tokens": 4}
-    assert full["usage"]["completion_tokens"] == 142 + 4
+    assert full["usage"]["completion_tokens"] == 146 + 4
     # Reasoning fits inside max_tokens: 4 reasoning + 6 visible.
-    assert capped["choices"][0]["message"]["content"] == "Token token the steady a every"
+    assert capped["choices"][0]["message"]["content"] == "Answer stable the request stable"
     assert capped["usage"]["completion_tokens"] == 10
     assert chinese["usage"]["prompt_tokens_details"] == {"cached_tokens": 9}  # floor(18 * 0.5)
     assert chinese["usage"]["completion_tokens_details"] == {"reasoning_tokens": 3}
@@ -286,7 +286,7 @@ async def test_rpm_window_admits_again_after_retry_after() -> None:
         "ok": 4,
         "rate_limited": 1,
         "prompt_tokens": 4 * 22,
-        "completion_tokens": 4 * 142,
+        "completion_tokens": 4 * 146,
     }
     assert stats["max_window_requests"] == {label: 3}
     assert stats["max_window_tokens"] == {label: 3 * (22 + 16)}
