@@ -23,6 +23,7 @@ from runner.pricing import Price, price_from_usd, shipped_prices, usd_to_micros
 BUILTIN_SIMULATOR = "builtin:simulator"
 InputFormat = Literal["auto", "parquet", "jsonl", "openai_batch"]
 EngineName = Literal["local", "ray"]
+_MAX_PROCESSES = 64
 _TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -46,7 +47,17 @@ class JobSection(_Section):
     run_id: Annotated[str, Field(min_length=1)] = "{job}-{input_hash}"
     engine: EngineName = "local"
     # The local engine's processes: each runs whole tenants (see runner/lane_processes.py).
-    processes: Annotated[int, Field(gt=0, le=64)] | Literal["auto"] = "auto"
+    processes: int | Literal["auto"] = "auto"
+
+    @field_validator("processes", mode="before")
+    @classmethod
+    def _check_processes(cls, value: object) -> object:
+        """One message for both forms (the union's own would name its internals)."""
+        if value == "auto":
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= _MAX_PROCESSES:
+            return value
+        raise ValueError(f'use "auto" or a whole number from 1 to {_MAX_PROCESSES}')
 
     @field_validator("output")
     @classmethod

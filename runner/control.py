@@ -4,7 +4,6 @@ signal handling that stops it (first signal: gracefully; second: at once)."""
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterable
 from typing import Protocol
 
 import anyio
@@ -31,13 +30,9 @@ class Lanes(Protocol):
     def progress(self) -> list[LaneProgress]: ...
 
 
-async def stop_on_signals(
-    lanes: Lanes,
-    grace_s: float,
-    signals: Iterable[signal.Signals] = (signal.SIGINT, signal.SIGTERM),
-) -> None:
-    """Stop `lanes` gracefully at the first of `signals`, at once at the second."""
-    with anyio.open_signal_receiver(*signals) as received:
+async def stop_on_signals(lanes: Lanes, grace_s: float) -> None:
+    """Stop `lanes` gracefully at the first SIGINT or SIGTERM, at once at the second."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
         async for _ in received:
             fields = {"event": "stopping", "run_id": lanes.run_id}
             if lanes.stopping:

@@ -88,3 +88,18 @@ class TenantRefused(ProviderError):
 
 class RequestRejected(ProviderError):
     """Any other 4xx: this request itself is wrong; the row fails."""
+
+
+def sole_error(group: BaseExceptionGroup) -> BaseException:
+    """The one exception inside (nested) task-group exception groups, so that
+    a caller sees the `StateError` a lane raised, not a group; the group
+    itself when it holds several."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        error = pending.pop()
+        if isinstance(error, BaseExceptionGroup):
+            pending.extend(error.exceptions)
+        else:
+            leaves.append(error)
+    return leaves[0] if len(leaves) == 1 else group

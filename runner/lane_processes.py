@@ -20,8 +20,10 @@ A child is this module's `main()` in a new Python process:
 - its stderr is the parent's, so its log lines appear among the parent's;
 - it inherits the run lock's descriptor: the run stays locked until the parent
   and every child have exited, so no resume can start beside an orphan;
-- it ignores SIGINT (a Ctrl-C reaches the whole process group; the parent
-  relays it) and stops on SIGTERM as a single-process run does.
+- it runs in a session of its own, so a signal to the parent's process group
+  (a Ctrl-C, `timeout`, a scheduler's kill) reaches the parent alone, which
+  relays it; a SIGTERM sent to the child itself stops it as a single-process
+  run stops; a child that has not gone `ABORT_KILL_S` after an abort is killed.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Collection, Mapping, Sequence
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import anyio
-from anyio.abc import ByteReceiveStream, ByteSendStream
+from anyio.abc import ByteReceiveStream, Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from runner import eventloop, logs
@@ -48,6 +49,7 @@ from runner.distributed.plan import plan
 from runner.distributed.shards import tenant_work
 from runner.engine import Engine, EngineSettings, LaneProgress
 from runner.errors import StateError
+from runner.logs import log
 from runner.provider import ProviderClient
 from runner.records import Status
 from runner.secrets import resolve_keys
@@ -57,6 +59,7 @@ from runner.store import Store
 # about a second to start and 60-100 MB of memory.
 AUTO_MIN_ROWS = 10_000
 AUTO_MAX_PROCESSES = 4
+ABORT_KILL_S = 5.0
 _MAX_LINE = 64 * 1024 * 1024
 
 
@@ -131,7 +134,7 @@ class LaneProcesses:
 
     @property
     def stopping(self) -> bool:
-        return self._stopping or any(child.stopped for child in self._children)
+        return self._stopping or any(child.stopped or child.killed for child in self._children)
 
     async def run(self) -> None:
         """Run every child to its end; a child that failed is a `StateError`
@@ -139,7 +142,7 @@ class LaneProcesses:
         async with anyio.create_task_group() as group:
             for child in self._children:
                 group.start_soon(child.run)
-        failed = [child for child in self._children if child.returncode != 0]
+        failed = [c for c in self._children if c.returncode != 0 and not c.killed]
         if failed:
             which = "; ".join(
                 f"tenants {', '.join(child.tenants)} exited with {child.returncode}"
@@ -187,6 +190,7 @@ class _Child:
         "_order",
         "_pass_fds",
         "_queued",
+        "killed",
         "lanes",
         "returncode",
         "stopped",
@@ -202,6 +206,7 @@ class _Child:
         self.lanes: list[LaneProgress] = []
         self.returncode: int | None = None
         self.stopped = False
+        self.killed = False  # after an abort it ignored: stopped, not failed
 
     def command(self, word: str) -> None:
         self._commands.send_nowait(word)
@@ -215,23 +220,36 @@ class _Child:
             stderr=None,
             env=self._env,
             pass_fds=self._pass_fds,
+            start_new_session=True,  # signals to our process group are relayed, not doubled
         ) as process:
-            assert process.stdin is not None
             assert process.stdout is not None
             async with anyio.create_task_group() as group:
-                group.start_soon(self._forward, process.stdin)
+                group.start_soon(self._forward, process)
                 await self._read_reports(process.stdout)
                 self.returncode = await process.wait()
                 group.cancel_scope.cancel()
 
-    async def _forward(self, stdin: ByteSendStream) -> None:
-        """The order, then each command as it comes (until the child has gone)."""
+    async def _forward(self, process: Process) -> None:
+        """The order, then each command as it comes, until the child has gone; a
+        child still there `ABORT_KILL_S` after an abort (stopped, hung) is killed."""
+        assert process.stdin is not None
         try:
-            await stdin.send(json.dumps(self._order).encode() + b"\n")
+            await process.stdin.send(json.dumps(self._order).encode() + b"\n")
             async for word in self._queued:
-                await stdin.send(word.encode() + b"\n")
+                await process.stdin.send(word.encode() + b"\n")
+                if word == "abort":
+                    break
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass
+            return
+        await anyio.sleep(ABORT_KILL_S)
+        self.killed = True
+        log.warning(
+            "a lane process (tenants %s) did not stop within %.0fs of the abort; killed",
+            ", ".join(self.tenants),
+            ABORT_KILL_S,
+            extra={"event": "stopping"},
+        )
+        process.kill()
 
     async def _read_reports(self, stdout: ByteReceiveStream) -> None:
         lines = BufferedByteReceiveStream(stdout)
@@ -256,7 +274,6 @@ def _lane(entry: dict[str, Any]) -> LaneProgress:
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent relays a Ctrl-C
     eventloop.run(_serve)
 
 
@@ -289,7 +306,7 @@ async def _serve() -> None:
             tenants=tenants,
         )
         async with anyio.create_task_group() as group:
-            group.start_soon(stop_on_signals, engine, settings.grace_s, (signal.SIGTERM,))
+            group.start_soon(stop_on_signals, engine, settings.grace_s)
             group.start_soon(_obey, engine, commands)
             group.start_soon(_report_every, engine, order["progress_interval_s"])
             await engine.run()

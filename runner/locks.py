@@ -93,7 +93,8 @@ class RunLock:
             os.close(handle)
             raise RunLocked(
                 f"run {self.run_id!r} is already running ({holder}); wait for it to finish, "
-                "or stop that process (a killed one releases the run at once)"
+                "or stop that process (a killed one releases the run at once, or once the lane "
+                "processes it started have stopped, within seconds)"
             ) from None
         os.ftruncate(handle, 0)
         os.pwrite(handle, _this_process().encode(), 0)

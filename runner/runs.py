@@ -22,7 +22,7 @@ import anyio
 from runner.config import BUILTIN_SIMULATOR, Job
 from runner.control import Lanes, stop_on_signals
 from runner.engine import Engine, EngineSettings
-from runner.errors import InputError
+from runner.errors import InputError, sole_error
 from runner.lane_processes import LaneProcesses, tenant_groups
 from runner.locks import RunLock
 from runner.logs import log
@@ -161,13 +161,16 @@ async def execute(
                 prices=job.price_table(),
                 settings=settings,
             )
-        async with anyio.create_task_group() as group:
-            if handle_signals:
-                group.start_soon(stop_on_signals, lanes, settings.grace_s)
-            if on_progress is not None:
-                group.start_soon(_report, lanes, baseline, on_progress, progress_interval_s)
-            await lanes.run()
-            group.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as group:
+                if handle_signals:
+                    group.start_soon(stop_on_signals, lanes, settings.grace_s)
+                if on_progress is not None:
+                    group.start_soon(_report, lanes, baseline, on_progress, progress_interval_s)
+                await lanes.run()
+                group.cancel_scope.cancel()
+        except BaseExceptionGroup as failure:
+            raise sole_error(failure) from None
         if on_progress is not None:
             on_progress(_snapshot(lanes, baseline))
     outputs: list[Path] = []

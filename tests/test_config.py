@@ -132,6 +132,24 @@ def test_provider_numbers_must_be_finite_numbers(
         load_job(write_job(Path("in.jsonl"), provider=provider))
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "65", "1.5", "true", '"2"', '"many"', '""'])
+def test_processes_is_auto_or_a_count_and_anything_else_is_named_once(
+    write_job: JobWriter, value: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_job(write_job(Path("in.jsonl"), job=f"processes = {value}"))
+    problems = str(refused.value).splitlines()[1:]
+    assert problems == ['  [job] processes: Value error, use "auto" or a whole number from 1 to 64']
+
+
+@pytest.mark.parametrize(("value", "expected"), [('"auto"', "auto"), ("1", 1), ("64", 64)])
+def test_processes_takes_auto_or_a_count(
+    write_job: JobWriter, value: str, expected: object
+) -> None:
+    job = load_job(write_job(Path("in.jsonl"), job=f"processes = {value}"))
+    assert job.job.processes == expected
+
+
 def test_the_output_must_be_a_parquet_file(tmp_path: Path) -> None:
     path = tmp_path / "job.toml"
     path.write_text(

@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from runner.lane_processes import ABORT_KILL_S
 from runner.locks import RunLock
 from runner.simulator import SimulatorConfig, SimulatorThread
 from tests.conftest import JobWriter
@@ -39,13 +40,16 @@ def write_input(path: Path, rows: int) -> Path:
     return path
 
 
-def start(job: Path, cwd: Path) -> subprocess.Popen[str]:
+def start(job: Path, cwd: Path, *, own_group: bool = False) -> subprocess.Popen[str]:
+    """The submit; with `own_group`, as the leader of a process group (as a shell
+    job, a `timeout` or a scheduler starts it) that a test can signal whole."""
     return subprocess.Popen(
         [sys.executable, "-m", "runner", "submit", str(job), "--run-id", "night"],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=own_group,
     )
 
 
@@ -302,3 +306,101 @@ def wait_for_the_lock(path: Path, *, timeout_s: float) -> float:
                 return time.monotonic() - started
     finally:
         os.close(handle)
+
+
+def lane_processes(parent: int) -> list[int]:
+    """The pids of a running submit's lane processes (Linux /proc)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def wait_for_lane_processes(parent: int, count: int) -> list[int]:
+    deadline = time.monotonic() + 60
+    while len(pids := lane_processes(parent)) < count:
+        assert time.monotonic() < deadline, "the lane processes did not start"
+        time.sleep(0.05)
+    return pids
+
+
+def test_one_sigterm_to_the_whole_process_group_stops_a_multi_process_run_gracefully(
+    tmp_path: Path, write_job: JobWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As `timeout`, systemd or a Ctrl-C deliver it: the children, in sessions of
+    their own, do not also take it as a second signal (which stops at once)."""
+    with SimulatorThread(SimulatorConfig(latency_s=0.3)) as sim:
+        job = write_job(
+            write_input(tmp_path / "in.jsonl", 300),
+            base_url=sim.base_url,
+            tenants=FAST_TENANTS,
+            job="processes = 3",
+        )
+        use_keys(monkeypatch)
+        process = start(job, tmp_path, own_group=True)
+        deadline = time.monotonic() + 60
+        while done_rows(tmp_path / "state.db") < 30 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert stderr.count("stopping: no new requests") == 1  # the parent's; it relayed the stop
+    assert "stopping now" not in stderr
+    statuses = [status for status, *_ in request_rows(tmp_path / "state.db").values()]
+    assert "sent" not in statuses  # every request in flight was waited for
+    assert 30 <= statuses.count("done") < 300
+
+
+def test_a_lane_process_that_dies_fails_the_run_with_one_line_and_resume_finishes(
+    tmp_path: Path, write_job: JobWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = 600
+    with SimulatorThread(SimulatorConfig(latency_s=0.05, latency_jitter_s=0.1)) as sim:
+        job = write_job(
+            write_input(tmp_path / "in.jsonl", rows),
+            base_url=sim.base_url,
+            tenants={t: {**FAST_TENANTS[t], "rpm": 1200} for t in TENANTS},
+            job="processes = 3",
+        )
+        use_keys(monkeypatch)
+        process = start(job, tmp_path)
+        victim = wait_for_lane_processes(process.pid, 3)[0]
+        deadline = time.monotonic() + 60
+        while done_rows(tmp_path / "state.db") < 60 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(victim, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 2, stderr
+        assert "a lane process failed" in stderr and "exited with -9" in stderr
+        assert "runner resume night" in stderr
+        assert "Traceback" not in stderr
+        run_to_the_end(job, tmp_path)
+    assert {status for status, *_ in request_rows(tmp_path / "state.db").values()} == {"done"}
+    assert pq.read_table(tmp_path / "out" / "result.parquet").num_rows == rows
+
+
+def test_a_lane_process_that_hangs_is_killed_after_an_abort(
+    tmp_path: Path, write_job: JobWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with SimulatorThread(SimulatorConfig(latency_s=0.2)) as sim:
+        job = write_job(
+            write_input(tmp_path / "in.jsonl", 300),
+            base_url=sim.base_url,
+            tenants=FAST_TENANTS,
+            job="processes = 3",
+        )
+        use_keys(monkeypatch)
+        process = start(job, tmp_path)
+        hung = wait_for_lane_processes(process.pid, 3)[0]
+        deadline = time.monotonic() + 60
+        while done_rows(tmp_path / "state.db") < 30 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(hung, signal.SIGSTOP)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+        stopped_in = time.monotonic() - started
+    assert process.returncode == 130, stderr  # stopped as asked, not failed
+    assert stopped_in < ABORT_KILL_S + 5
+    assert "did not stop within 5s of the abort; killed" in stderr
+    assert integrity(tmp_path / "state.db") == "ok"
