@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,11 +52,26 @@ class Simulator:
 @contextmanager
 def simulator(*options: str) -> Iterator[Simulator]:
     """`runner simulate --port 0 OPTIONS...`, stopped on exit."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "runner", "simulate", "--port", "0", *options],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    with _server([sys.executable, "-m", "runner", "simulate", "--port", "0", *options]) as sim:
+        yield sim
+
+
+@contextmanager
+def fast_server(*options: str) -> Iterator[Simulator]:
+    """`node bench/fast_server.js OPTIONS...` (only `--latency`), stopped on exit."""
+    script = str(Path(__file__).with_name("fast_server.js"))
+    with _server(["node", script, *options]) as sim:
+        yield sim
+
+
+def have_node() -> bool:
+    return shutil.which("node") is not None
+
+
+@contextmanager
+def _server(command: Sequence[str]) -> Iterator[Simulator]:
+    """A server that prints `simulator listening on URL` once it listens."""
+    process = subprocess.Popen(list(command), stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
         line = process.stdout.readline()
@@ -167,11 +183,16 @@ class Sending:
 
 
 def bare_loop(
-    work: Path, *options: str, concurrency: int, max_tokens: int = 16, loop: str = "uvloop"
+    work: Path,
+    *options: str,
+    concurrency: int,
+    max_tokens: int = 16,
+    loop: str = "uvloop",
+    fast: bool = False,
 ) -> Sending:
-    """`bare_loop.py` over `work`/in.jsonl against a fresh `simulator(*options)`,
-    on `loop` ("uvloop", the runner's, or "asyncio")."""
-    with simulator(*options) as sim:
+    """`bare_loop.py` over `work`/in.jsonl against a fresh `simulator(*options)`
+    (`fast_server` if `fast`), on `loop` ("uvloop", the runner's, or "asyncio")."""
+    with (fast_server if fast else simulator)(*options) as sim:
         script = str(Path(__file__).with_name("bare_loop.py"))
         args = [sys.executable, script, sim.base_url, "in.jsonl", str(concurrency)]
         args += [str(max_tokens), loop]
@@ -184,11 +205,17 @@ def bare_loop(
 
 
 def runner_submit(
-    work: Path, *options: str, tenants: Sequence[str], max_parallel: int, run_id: str
+    work: Path,
+    *options: str,
+    tenants: Sequence[str],
+    max_parallel: int,
+    run_id: str,
+    fast: bool = False,
 ) -> Sending:
     """`runner submit` of `work`/in.jsonl (limits that never bind) against a fresh
-    `simulator(*options)`; the sending time as the server saw it."""
-    with simulator(*options) as sim:
+    `simulator(*options)` (`fast_server` if `fast`); the sending time as the
+    server saw it."""
+    with (fast_server if fast else simulator)(*options) as sim:
         limits = unlimited(tenants, max_parallel)
         job = write_job(work, sim.base_url, limits, input_name="in.jsonl")
         submit = runner_cli("submit", str(job), "--run-id", run_id)
