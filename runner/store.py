@@ -562,7 +562,7 @@ class Store:
         self, run_id: str, tenant: str, *, after_seq: int, limit: int
     ) -> list[PendingRequest]:
         rows = self.db.execute(
-            "SELECT seq, model, b.body, prompt_estimate, max_tokens, attempts"
+            f"SELECT seq, model, {BODY}, prompt_estimate, max_tokens, attempts"
             " FROM requests LEFT JOIN request_bodies AS b USING (run_id, seq)"
             " WHERE run_id = ? AND tenant = ? AND status = 'pending' AND seq > ?"
             " ORDER BY seq LIMIT ?",
@@ -764,6 +764,10 @@ SENDS_KEPT_S = 120.0
 # Where a request came from, in a query joining `request_bodies AS b`: beside its
 # body while it waits (schema m005), or on the row if registered before that.
 SOURCE = "COALESCE(b.source, requests.source)"
+# What to send, likewise: its own table since m003, or the row's own column for
+# a row an older runner registered after it had opened a database that a newer
+# one then upgraded (it kept writing where it always had).
+BODY = "COALESCE(b.body, requests.body)"
 
 RESULT_COLUMNS = (
     "seq",

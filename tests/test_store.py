@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -215,6 +216,21 @@ def test_a_row_to_send_without_its_request_stops_the_run_instead_of_being_skippe
     store.db.execute("DELETE FROM request_bodies WHERE seq = 2")
     with pytest.raises(StateError, match="request 2 of run 'r' is still to be sent"):
         store.pending_page("r", "acme", after_seq=-1, limit=5)
+
+
+def test_a_request_an_older_runner_kept_on_its_row_is_still_sent(store: Store) -> None:
+    """An older runner that opened the database before a newer one upgraded it
+    registers its rows' bodies where it always did, on the row itself."""
+    store.db.execute(
+        "UPDATE requests SET body = (SELECT body FROM request_bodies WHERE seq = 2) WHERE seq = 2"
+    )
+    store.db.execute("DELETE FROM request_bodies WHERE seq = 2")
+    page = store.pending_page("r", "acme", after_seq=-1, limit=5)
+    assert [(request.seq, json.loads(request.body)["max_tokens"]) for request in page] == [
+        (0, 10),
+        (2, 10),
+        (4, 10),
+    ]
 
 
 def test_the_pages_of_answered_requests_go_back_to_the_file_system(tmp_path: Path) -> None:

@@ -44,7 +44,7 @@ from runner.ledger import Entry, Kind, period_of
 from runner.records import Request
 from runner.sources import file_hash
 from runner.sources import parquet as parquet_source
-from runner.store import SENDS_KEPT_S, SOURCE, Store, missing_body, utc_now
+from runner.store import BODY, SENDS_KEPT_S, SOURCE, Store, missing_body, utc_now
 
 HAND_OFF = "budget handed to Ray workers"
 SHARD_SCHEMA = pa.schema(
@@ -61,8 +61,8 @@ SHARD_SCHEMA = pa.schema(
         ("resends", pa.int64()),
     ]
 )
-# (the body and source come from request_bodies; requests.body is a column left unused)
-_FROM_BODIES = {"body": "b.body", "source": SOURCE}
+# (the body and source come from request_bodies, or the row if an older runner wrote them)
+_FROM_BODIES = {"body": BODY, "source": SOURCE}
 _SHARD_COLUMNS = ", ".join(_FROM_BODIES.get(name, name) for name in SHARD_SCHEMA.names)
 _BODY = SHARD_SCHEMA.names.index("body")
 _PAGE_ROWS = 10_000
