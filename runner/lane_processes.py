@@ -280,6 +280,9 @@ def main() -> None:
 async def _serve() -> None:
     """Run the ordered tenants' lanes to their end, reporting on stdout."""
     commands = _Lines(sys.stdin.fileno())
+    # The reports get stdout to themselves: whatever else prints there goes to stderr.
+    reports = os.dup(sys.stdout.fileno())
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     first = await commands.next()
     if first is None:
         return  # the parent went before saying what to run
@@ -308,10 +311,10 @@ async def _serve() -> None:
         async with anyio.create_task_group() as group:
             group.start_soon(stop_on_signals, engine, settings.grace_s)
             group.start_soon(_obey, engine, commands)
-            group.start_soon(_report_every, engine, order["progress_interval_s"])
+            group.start_soon(_report_every, engine, reports, order["progress_interval_s"])
             await engine.run()
             group.cancel_scope.cancel()
-        _report(engine, final=True)
+        _report(engine, reports, final=True)
     finally:
         await client.aclose()
         store.close()
@@ -326,13 +329,14 @@ async def _obey(engine: Engine, commands: _Lines) -> None:
     engine.abort()  # the parent is gone: nobody would write the outputs or see progress
 
 
-async def _report_every(engine: Engine, interval_s: float) -> None:
+async def _report_every(engine: Engine, reports: int, interval_s: float) -> None:
     while True:
-        _report(engine)
+        _report(engine, reports)
         await anyio.sleep(interval_s)
 
 
-def _report(engine: Engine, *, final: bool = False) -> None:
+def _report(engine: Engine, reports: int, *, final: bool = False) -> None:
+    """One JSON line of the lanes' progress on the `reports` descriptor."""
     lanes = [
         {
             "tenant": lane.tenant,
@@ -349,7 +353,7 @@ def _report(engine: Engine, *, final: bool = False) -> None:
     line = json.dumps(report).encode() + b"\n"
     try:
         while line:
-            line = line[os.write(sys.stdout.fileno(), line) :]
+            line = line[os.write(reports, line) :]
     except BrokenPipeError:
         engine.abort()  # the parent is gone
 

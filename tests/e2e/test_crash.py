@@ -174,6 +174,8 @@ def test_sigint_stops_gracefully_with_exit_130_and_resume_finishes(
         _, stderr = process.communicate(timeout=120)
         assert process.returncode == 0, stderr
         seen = sim.stats()["client_request_ids"]
+    for tenant in TENANTS:  # the rows done before, and what the lanes report since
+        assert f"progress {tenant}: 30/30 finished (30 done," in stderr
     assert len(seen) == 90
     assert all(entry == {"received": 1, "ok": 1} for entry in seen.values())
     assert pq.read_table(tmp_path / "out" / "result.parquet").num_rows == 90
