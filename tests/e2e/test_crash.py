@@ -26,6 +26,7 @@ from tests.conftest import JobWriter
 
 TENANTS = ("acme", "globex", "initech")
 FAST_TENANTS = {tenant: {"rpm": 3000, "tpm": 1_000_000, "max_parallel": 8} for tenant in TENANTS}
+PACED = {tenant: {**limits, "rpm": 1200} for tenant, limits in FAST_TENANTS.items()}
 
 
 def write_input(path: Path, rows: int) -> Path:
@@ -104,6 +105,39 @@ def done_rows(state: Path) -> int:
         return 0
 
 
+def all_done_as_sent(
+    state: Path, seen: dict[str, dict[str, int]]
+) -> dict[int, tuple[str, int, int, int | None]]:
+    """The run's rows (`request_rows`), checked: every row done, the server never
+    saw more sends than the store counted, nor a second answer but for a resend."""
+    rows = request_rows(state)
+    assert {status for status, *_ in rows.values()} == {"done"}
+    for seq, (_, attempts, resends, _) in rows.items():
+        assert seen[f"night:{seq}"]["received"] <= attempts
+        assert seen[f"night:{seq}"]["ok"] <= 1 + resends
+    return rows
+
+
+def job_in_processes(
+    write_job: JobWriter,
+    folder: Path,
+    base_url: str,
+    rows: int,
+    processes: int,
+    tenants: dict[str, dict[str, object]] = FAST_TENANTS,
+) -> Path:
+    """A job over `rows` rows of the three tenants, sent from `processes` processes."""
+    source = write_input(folder / "in.jsonl", rows)
+    return write_job(source, base_url=base_url, tenants=tenants, job=f"processes = {processes}")
+
+
+def wait_for_done(state: Path, rows: int) -> None:
+    """Until `rows` rows are done, for a minute at most."""
+    deadline = time.monotonic() + 60
+    while done_rows(state) < rows and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_sigkill_at_random_moments_then_resume_loses_nothing_and_resends_only_in_flight(
     tmp_path: Path, write_job: JobWriter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -150,17 +184,10 @@ def test_sigint_stops_gracefully_with_exit_130_and_resume_finishes(
     """With two processes the signal reaches the parent alone, which relays it."""
     config = SimulatorConfig(latency_s=0.3)
     with SimulatorThread(config) as sim:
-        job = write_job(
-            write_input(tmp_path / "in.jsonl", 90),
-            base_url=sim.base_url,
-            tenants=FAST_TENANTS,
-            job=f"processes = {processes}",
-        )
+        job = job_in_processes(write_job, tmp_path, sim.base_url, 90, processes)
         use_keys(monkeypatch)
         process = start(job, tmp_path)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not done_rows(tmp_path / "state.db"):
-            time.sleep(0.1)
+        wait_for_done(tmp_path / "state.db", 1)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
         assert process.returncode == 130, stderr
@@ -203,11 +230,7 @@ def test_sigkill_under_provider_faults_and_budgets_keeps_the_money_exact(
         assert killed >= 8, "the kills should land mid-run"
         run_to_the_end(job, tmp_path)
         seen = sim.stats()["client_request_ids"]
-    state = request_rows(tmp_path / "state.db")
-    assert {status for status, *_ in state.values()} == {"done"}
-    for seq, (_, attempts, resends, _) in state.items():
-        assert seen[f"night:{seq}"]["received"] <= attempts
-        assert seen[f"night:{seq}"]["ok"] <= 1 + resends
+    state = all_done_as_sent(tmp_path / "state.db", seen)
     with sqlite3.connect(tmp_path / "state.db") as db:
         sums = dict(db.execute("SELECT kind, SUM(amount_micros) FROM ledger GROUP BY kind"))
         balances = db.execute(
@@ -223,12 +246,7 @@ def test_sigterm_stops_gracefully_and_a_second_signal_stops_at_once(
     tmp_path: Path, write_job: JobWriter, monkeypatch: pytest.MonkeyPatch, processes: int
 ) -> None:
     with SimulatorThread(SimulatorConfig(latency_s=5.0)) as sim:
-        job = write_job(
-            write_input(tmp_path / "in.jsonl", 30),
-            base_url=sim.base_url,
-            tenants=FAST_TENANTS,
-            job=f"processes = {processes}",
-        )
+        job = job_in_processes(write_job, tmp_path, sim.base_url, 30, processes)
         use_keys(monkeypatch)
         process = start(job, tmp_path)
         deadline = time.monotonic() + 60
@@ -257,17 +275,10 @@ def test_sigkill_of_a_multi_process_run_ends_its_children_and_resume_finishes(
     rows = 600
     config = SimulatorConfig(latency_s=0.05, latency_jitter_s=0.1)
     with SimulatorThread(config) as sim:
-        job = write_job(
-            write_input(tmp_path / "in.jsonl", rows),
-            base_url=sim.base_url,
-            tenants={t: {**FAST_TENANTS[t], "rpm": 1200} for t in TENANTS},
-            job="processes = 3",
-        )
+        job = job_in_processes(write_job, tmp_path, sim.base_url, rows, 3, tenants=PACED)
         use_keys(monkeypatch)
         process = start(job, tmp_path)
-        deadline = time.monotonic() + 60
-        while done_rows(tmp_path / "state.db") < 60 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for_done(tmp_path / "state.db", 60)
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=60)
         lock = lock_file(tmp_path / "state.db", "night")
@@ -281,11 +292,7 @@ def test_sigkill_of_a_multi_process_run_ends_its_children_and_resume_finishes(
 
         run_to_the_end(job, tmp_path)
         seen = sim.stats()["client_request_ids"]
-    state = request_rows(tmp_path / "state.db")
-    assert {status for status, *_ in state.values()} == {"done"}
-    for seq, (_, attempts, resends, _) in state.items():
-        assert seen[f"night:{seq}"]["received"] <= attempts
-        assert seen[f"night:{seq}"]["ok"] <= 1 + resends
+    all_done_as_sent(tmp_path / "state.db", seen)
     assert pq.read_table(tmp_path / "out" / "result.parquet").num_rows == rows
 
 
@@ -330,17 +337,10 @@ def test_one_sigterm_to_the_whole_process_group_stops_a_multi_process_run_gracef
     """As `timeout`, systemd or a Ctrl-C deliver it: the children, in sessions of
     their own, do not also take it as a second signal (which stops at once)."""
     with SimulatorThread(SimulatorConfig(latency_s=0.3)) as sim:
-        job = write_job(
-            write_input(tmp_path / "in.jsonl", 300),
-            base_url=sim.base_url,
-            tenants=FAST_TENANTS,
-            job="processes = 3",
-        )
+        job = job_in_processes(write_job, tmp_path, sim.base_url, 300, 3)
         use_keys(monkeypatch)
         process = start(job, tmp_path, own_group=True)
-        deadline = time.monotonic() + 60
-        while done_rows(tmp_path / "state.db") < 30 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for_done(tmp_path / "state.db", 30)
         os.killpg(process.pid, signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
@@ -356,18 +356,11 @@ def test_a_lane_process_that_dies_fails_the_run_with_one_line_and_resume_finishe
 ) -> None:
     rows = 600
     with SimulatorThread(SimulatorConfig(latency_s=0.05, latency_jitter_s=0.1)) as sim:
-        job = write_job(
-            write_input(tmp_path / "in.jsonl", rows),
-            base_url=sim.base_url,
-            tenants={t: {**FAST_TENANTS[t], "rpm": 1200} for t in TENANTS},
-            job="processes = 3",
-        )
+        job = job_in_processes(write_job, tmp_path, sim.base_url, rows, 3, tenants=PACED)
         use_keys(monkeypatch)
         process = start(job, tmp_path)
         victim = wait_for_lane_processes(process.pid, 3)[0]
-        deadline = time.monotonic() + 60
-        while done_rows(tmp_path / "state.db") < 60 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for_done(tmp_path / "state.db", 60)
         os.kill(victim, signal.SIGKILL)
         _, stderr = process.communicate(timeout=60)
         assert process.returncode == 2, stderr
@@ -383,18 +376,11 @@ def test_a_lane_process_that_hangs_is_killed_after_an_abort(
     tmp_path: Path, write_job: JobWriter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with SimulatorThread(SimulatorConfig(latency_s=0.2)) as sim:
-        job = write_job(
-            write_input(tmp_path / "in.jsonl", 300),
-            base_url=sim.base_url,
-            tenants=FAST_TENANTS,
-            job="processes = 3",
-        )
+        job = job_in_processes(write_job, tmp_path, sim.base_url, 300, 3)
         use_keys(monkeypatch)
         process = start(job, tmp_path)
         hung = wait_for_lane_processes(process.pid, 3)[0]
-        deadline = time.monotonic() + 60
-        while done_rows(tmp_path / "state.db") < 30 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for_done(tmp_path / "state.db", 30)
         os.kill(hung, signal.SIGSTOP)
         process.send_signal(signal.SIGINT)
         time.sleep(0.3)
