@@ -75,7 +75,10 @@ def process_count(setting: int | Literal["auto"], *, rows: int, tenants: int) ->
 
 def tenant_groups(store: Store, run_id: str, job: Job) -> list[list[str]]:
     """The run's tenants with rows to send, in `process_count` groups balanced
-    by the time their limits need for their rows (`runner.distributed.plan`)."""
+    by the time their limits need for their rows (`runner.distributed.plan`).
+    One process needs no count of the rows, which reads every row of the run."""
+    if job.job.processes == 1:
+        return [list(store.lane_tenants(run_id))]
     work = {tenant: rows for tenant, rows in tenant_work(store, run_id).items() if rows.rows}
     total = sum(rows.rows for rows in work.values())
     count = process_count(job.job.processes, rows=total, tenants=len(work))

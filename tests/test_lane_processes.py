@@ -47,4 +47,6 @@ def test_groups_hold_every_tenant_with_rows_once_balanced_by_their_work(
     requests = [request(seq, f"id{seq}", tenant) for seq, tenant in enumerate(tenants)]
     store.register("r", requests, [], pa.record_batch({"n": range(len(tenants))}), first_seq=0)
     assert tenant_groups(store, "r", job) == [["a"], ["b", "c"]]
+    one = job.model_copy(update={"job": job.job.model_copy(update={"processes": 1})})
+    assert tenant_groups(store, "r", one) == [["a", "b", "c"]]
     store.close()
