@@ -67,9 +67,10 @@ def process_count(setting: int | Literal["auto"], *, rows: int, tenants: int) ->
     """How many processes to run `tenants` tenants with `rows` rows to send in:
     never more than the tenants; "auto" is one per core (at most
     `AUTO_MAX_PROCESSES`) from `AUTO_MIN_ROWS` rows on, else one."""
-    wanted = setting if setting != "auto" else min(_cores(), AUTO_MAX_PROCESSES)
-    if setting == "auto" and rows < AUTO_MIN_ROWS:
-        wanted = 1
+    if setting != "auto":
+        wanted = setting
+    else:
+        wanted = min(_cores(), AUTO_MAX_PROCESSES) if rows >= AUTO_MIN_ROWS else 1
     return max(1, min(wanted, tenants))
 
 
@@ -267,10 +268,9 @@ class _Child:
 
 
 def _lane(entry: dict[str, Any]) -> LaneProgress:
+    """A `LaneProgress` back from its JSON form (`_report`)."""
     finished = {Status(status): count for status, count in entry["finished"].items()}
-    return LaneProgress(
-        entry["tenant"], finished, entry["in_flight"], entry["waiting"], entry["paused_for_s"]
-    )
+    return LaneProgress(**{**entry, "finished": finished})
 
 
 # -- the child ---------------------------------------------------------------------
@@ -340,17 +340,7 @@ async def _report_every(engine: Engine, reports: int, interval_s: float) -> None
 
 def _report(engine: Engine, reports: int, *, final: bool = False) -> None:
     """One JSON line of the lanes' progress on the `reports` descriptor."""
-    lanes = [
-        {
-            "tenant": lane.tenant,
-            "finished": {status.value: count for status, count in lane.finished.items()},
-            "in_flight": lane.in_flight,
-            "waiting": lane.waiting,
-            "paused_for_s": lane.paused_for_s,
-        }
-        for lane in engine.progress()
-    ]
-    report: dict[str, Any] = {"lanes": lanes}
+    report: dict[str, Any] = {"lanes": [dataclasses.asdict(lane) for lane in engine.progress()]}
     if final:
         report["stopping"] = engine.stopping
     line = json.dumps(report).encode() + b"\n"
