@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeVar, cast
 
 import click
 
-from runner import api, eventloop, logs, reports
+from runner import api, eventloop, gc_settings, logs, reports
 from runner.config import load_job
 from runner.errors import RunLocked, RunnerError
 from runner.pricing import micros_to_usd
@@ -77,6 +77,7 @@ def _exits(command: F) -> F:
 def main(ctx: click.Context, log_format: str) -> None:
     """Multi-tenant batch inference against OpenAI-compatible endpoints."""
     ctx.obj = {"log_format": log_format}
+    gc_settings.tune_for_throughput()
 
 
 def _report_error(error: RunnerError) -> None:

@@ -42,7 +42,7 @@ import anyio
 from anyio.abc import ByteReceiveStream, Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from runner import eventloop, logs
+from runner import eventloop, gc_settings, logs
 from runner.config import Job
 from runner.control import stop_on_signals
 from runner.distributed.plan import plan
@@ -277,6 +277,7 @@ def _lane(entry: dict[str, Any]) -> LaneProgress:
 
 
 def main() -> None:
+    gc_settings.tune_for_throughput()
     eventloop.run(_serve)
 
 
