@@ -142,16 +142,22 @@ class Running:
         return text
 
 
-def _tree_rss_mb(pid: int) -> float:
+def _tree_rss_mb(pid: int, parent_command: bytes = b"") -> float:
     """The resident memory of `pid` and its descendants, from Linux /proc (0 for
-    a process that has gone meanwhile)."""
+    a process that has gone meanwhile). A child whose command line is still its
+    parent's has been forked but has not yet exec'd: its pages are its parent's,
+    already counted (a sampler that caught a lane process in that instant once
+    counted the runner's 100 MB twice)."""
     try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if command == parent_command:
+            return 0.0
         pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except (OSError, IndexError, ValueError):
         return 0.0
     own = pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
-    return own + sum(_tree_rss_mb(int(child)) for child in children)
+    return own + sum(_tree_rss_mb(int(child), command) for child in children)
 
 
 def measure(args: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None) -> Measured:
