@@ -45,8 +45,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from runner import eventloop, gc_settings, logs
 from runner.config import Job
 from runner.control import stop_on_signals
-from runner.distributed.plan import plan
-from runner.distributed.shards import tenant_work
+from runner.distributed.plan import plan, tenant_work
 from runner.engine import Engine, EngineSettings, LaneProgress
 from runner.errors import StateError
 from runner.logs import log

@@ -117,3 +117,14 @@ class Outcome:
     latency_ms: int | None = None
     error: str | None = None
     raw_body: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CarriedColumns:
+    """An input batch's pass-through columns as the state database keeps them:
+    Arrow IPC bytes that only the registering and output-writing code decodes
+    (`runner.carried_columns`), so a process that only sends never imports pyarrow."""
+
+    num_rows: int
+    schema: bytes  # an Arrow schema message
+    data: bytes  # an Arrow IPC stream of one record batch

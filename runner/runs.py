@@ -19,6 +19,7 @@ from pathlib import Path
 
 import anyio
 
+from runner import carried_columns
 from runner.config import BUILTIN_SIMULATOR, Job
 from runner.control import Lanes, stop_on_signals
 from runner.engine import Engine, EngineSettings
@@ -70,7 +71,8 @@ def register(
         for batch, checked in check_input(job, job.price_table(), paths):
             requests = [item for item in checked if isinstance(item, Request)]
             rejections = [item for item in checked if isinstance(item, Rejection)]
-            store.register(run_id, requests, rejections, batch.carried, batch.rows[0].seq)
+            carried = carried_columns.encode(batch.carried)
+            store.register(run_id, requests, rejections, carried, batch.rows[0].seq)
             rows += len(batch.rows)
         store.reject_duplicate_ids(run_id)
         if strict:

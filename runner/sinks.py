@@ -19,6 +19,7 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from runner import carried_columns
 from runner.pricing import micros_to_usd
 from runner.store import RESULT_COLUMNS, Store
 
@@ -47,11 +48,13 @@ _CARRIED_PREFIX = "input_"
 
 def write_parquet(store: Store, run_id: str, path: Path) -> int:
     """The result table: carried columns, then `RESULT_SCHEMA`; returns the row count."""
-    carried_fields = _carried_fields(store.carried_schemas(run_id))
+    schemas = [carried_columns.decode_schema(blob) for blob in store.carried_schemas(run_id)]
+    carried_fields = _carried_fields(schemas)
     schema = pa.schema([field for field, _ in carried_fields] + list(RESULT_SCHEMA))
     rows = 0
     with _replace_atomically(path, "wb") as handle, pq.ParquetWriter(handle, schema) as writer:
-        for first_seq, carried in store.carried_batches(run_id):
+        for first_seq, data in store.carried_batches(run_id):
+            carried = carried_columns.decode(data)
             results = store.results(run_id, first_seq, carried.num_rows)
             arrays = [_conform(carried, source, field) for field, source in carried_fields]
             arrays += _result_arrays(results)

@@ -28,14 +28,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pyarrow as pa
 from sqlite_utils import Database
 
 from runner import ledger
 from runner.errors import StateError
 from runner.ledger import Balance, Entry, Kind
 from runner.locks import runs_held_elsewhere, schema_lock
-from runner.records import Outcome, Rejection, Request, Status
+from runner.records import CarriedColumns, Outcome, Rejection, Request, Status
 from runner.schema import migrations
 
 T = TypeVar("T")
@@ -356,13 +355,10 @@ class Store:
         run_id: str,
         requests: Sequence[Request],
         rejections: Sequence[Rejection],
-        carried: pa.RecordBatch,
+        carried: CarriedColumns,
         first_seq: int,
     ) -> None:
         """One input batch: its rows and its carried columns, in one transaction."""
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, carried.schema) as writer:
-            writer.write_batch(carried)
         with self._write():
             self.db.conn.executemany(
                 "INSERT INTO requests (run_id, seq, row_id, tenant, model, source, status,"
@@ -417,8 +413,8 @@ class Store:
                     run_id,
                     first_seq,
                     carried.num_rows,
-                    carried.schema.serialize().to_pybytes(),
-                    sink.getvalue().to_pybytes(),
+                    carried.schema,
+                    carried.data,
                 ],
             )
 
@@ -558,6 +554,16 @@ class Store:
         ).fetchall()
         return {tenant: int(largest) for tenant, largest in rows}
 
+    def pending_work(self, run_id: str) -> dict[str, tuple[int, int]]:
+        """Every tenant of the run: (rows to send, their TPM cost in total)."""
+        rows = self.db.execute(
+            "SELECT tenant, TOTAL(status = 'pending'),"
+            " TOTAL(CASE WHEN status = 'pending' THEN prompt_estimate + max_tokens END)"
+            " FROM requests WHERE run_id = ? GROUP BY tenant ORDER BY tenant",
+            [run_id],
+        ).fetchall()
+        return {tenant: (int(count), int(tokens)) for tenant, count, tokens in rows}
+
     def pending_page(
         self, run_id: str, tenant: str, *, after_seq: int, limit: int
     ) -> list[PendingRequest]:
@@ -681,17 +687,17 @@ class Store:
                 kept.append((tenant, status, error or "", count))
         return kept
 
-    def carried_batches(self, run_id: str) -> Iterator[tuple[int, pa.RecordBatch]]:
-        """(first seq, carried columns) per input batch, in input order."""
-        cursor = self.db.execute(
+    def carried_batches(self, run_id: str) -> Iterator[tuple[int, bytes]]:
+        """(first seq, carried columns' `CarriedColumns.data`) per input batch, in
+        input order."""
+        yield from self.db.execute(
             "SELECT first_seq, data FROM carried WHERE run_id = ? ORDER BY first_seq", [run_id]
         )
-        for first_seq, data in cursor:
-            yield first_seq, pa.ipc.open_stream(data).read_next_batch()
 
-    def carried_schemas(self, run_id: str) -> list[pa.Schema]:
+    def carried_schemas(self, run_id: str) -> list[bytes]:
+        """Each input batch's `CarriedColumns.schema`."""
         rows = self.db.execute("SELECT schema FROM carried WHERE run_id = ?", [run_id])
-        return [pa.ipc.read_schema(pa.py_buffer(blob)) for (blob,) in rows]
+        return [blob for (blob,) in rows]
 
     def results(self, run_id: str, first_seq: int, count: int) -> list[tuple[Any, ...]]:
         """Result columns (see `RESULT_COLUMNS`) of rows first_seq .. first_seq+count-1."""

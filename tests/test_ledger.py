@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runner import ledger
+from runner import carried_columns, ledger
 from runner.budget import BudgetGuard
 from runner.config import Tenant
 from runner.ledger import Entry, Kind, invoice_lines, month_summary, period_of
@@ -28,7 +28,13 @@ def new_store(path: Path, rows: int) -> Store:
     new_run(store)
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
     requests = [Request(seq, f"id{seq}", "acme", "m", "in:1", body, 1, 1) for seq in range(rows)]
-    store.register("r", requests, [], pa.record_batch({"n": list(range(rows))}), first_seq=0)
+    store.register(
+        "r",
+        requests,
+        [],
+        carried_columns.encode(pa.record_batch({"n": list(range(rows))})),
+        first_seq=0,
+    )
     return store
 
 

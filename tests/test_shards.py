@@ -11,13 +11,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sqlite_utils import Database
 
+from runner import carried_columns
 from runner.config import load_job
+from runner.distributed.plan import tenant_work
 from runner.distributed.shards import (
     HAND_OFF,
     hand_off,
     merge,
     shard_caps,
-    tenant_work,
     write_shard,
 )
 from runner.distributed.worker import ShardTask, run_shard
@@ -28,7 +29,7 @@ from runner.sources import file_hash
 from runner.store import Store
 from tests.conftest import JobWriter, ledger_charges, new_run
 
-NO_COLUMNS = pa.record_batch({"n": [0]})
+ONE_ROW = carried_columns.encode(pa.record_batch({"n": [0]}))
 TENANTS = {
     "acme": {"rpm": 6000, "tpm": 1_000_000, "monthly_budget_usd": 1},
     "globex": {"rpm": 6000, "tpm": 1_000_000},
@@ -125,7 +126,7 @@ def one_row_run(path: Path) -> Store:
     store = Store(path)
     new_run(store)
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-    store.register("r", [Request(0, "0", "acme", "m", "in:1", body, 5, 5)], [], NO_COLUMNS, 0)
+    store.register("r", [Request(0, "0", "acme", "m", "in:1", body, 5, 5)], [], ONE_ROW, 0)
     return store
 
 

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from runner import carried_columns
 from runner.records import Outcome, Request, Status, Usage
 from runner.sinks import RESULT_SCHEMA, write_batch_jsonl, write_parquet
 from runner.store import Store
@@ -24,7 +25,8 @@ def register(store: Store, batches: list[pa.RecordBatch]) -> None:
             body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
             requests.append(Request(seq, f"id{seq}", "acme", "m", "in:1", body, 5, 5))
             seq += 1
-        store.register("r", requests, [], batch, first_seq=seq - batch.num_rows)
+        carried = carried_columns.encode(batch)
+        store.register("r", requests, [], carried, first_seq=seq - batch.num_rows)
 
 
 def test_carried_columns_keep_promote_or_fall_back_to_json_across_batches(tmp_path: Path) -> None:

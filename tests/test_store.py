@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 from sqlite_utils import Database
 
+from runner import carried_columns
 from runner.checkpoint import Checkpointer
 from runner.errors import StateError
 from runner.ledger import Entry, Kind
@@ -35,7 +36,7 @@ def store(tmp_path: Path) -> Store:
     new_run(store)
     requests = [request(0, "a"), request(1, "b", "globex"), request(2, "a"), request(4, "c")]
     rejection = Rejection(3, "d", "acme", "m", "in.jsonl:4", "not valid JSON")
-    carried = pa.record_batch({"n": list(range(5))})
+    carried = carried_columns.encode(pa.record_batch({"n": list(range(5))}))
     store.register("r", requests, [rejection], carried, first_seq=0)
     return store
 
@@ -238,7 +239,7 @@ def test_the_pages_of_answered_requests_go_back_to_the_file_system(tmp_path: Pat
     new_run(store)
     body = {"model": "m", "messages": [{"role": "user", "content": "q" * 2000}]}
     requests = [Request(seq, str(seq), "acme", "m", "in:1", body, 500, 1) for seq in range(3000)]
-    store.register("r", requests, [], pa.record_batch({"n": [0]}), first_seq=0)
+    store.register("r", requests, [], carried_columns.encode(pa.record_batch({"n": [0]})), 0)
     registered = store.db.execute("PRAGMA page_count").fetchone()[0]
     outcomes = [Outcome(seq, Status.DONE, 1, response="a") for seq in range(3000)]
     store.checkpoint("r", outcomes=outcomes)
@@ -257,9 +258,12 @@ def test_the_pages_of_answered_requests_go_back_to_the_file_system(tmp_path: Pat
 
 
 def test_carried_columns_come_back_as_registered(store: Store) -> None:
-    ((first_seq, batch),) = list(store.carried_batches("r"))
+    ((first_seq, data),) = list(store.carried_batches("r"))
+    batch = carried_columns.decode(data)
     assert first_seq == 0 and batch.column("n").to_pylist() == [0, 1, 2, 3, 4]
-    assert store.carried_schemas("r") == [batch.schema]
+    assert [carried_columns.decode_schema(blob) for blob in store.carried_schemas("r")] == [
+        pa.schema([("n", pa.int64())])
+    ]
 
 
 def test_deleting_a_run_leaves_no_rows(store: Store) -> None:

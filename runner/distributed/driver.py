@@ -37,13 +37,12 @@ import anyio
 from runner.alerts import Alerts
 from runner.config import Job
 from runner.distributed.dataset import write_dataset
-from runner.distributed.plan import plan
+from runner.distributed.plan import plan, tenant_work
 from runner.distributed.shards import (
     hand_off,
     merge,
     release_hand_offs,
     shard_caps,
-    tenant_work,
     write_shard,
 )
 from runner.distributed.worker import ShardTask, run_shard

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from runner.config import Tenant
+from runner.store import Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,11 @@ class TenantWork:
         if limits is None:
             return float(self.rows)
         return max(self.rows / limits.rpm, self.tokens / limits.tpm)
+
+
+def tenant_work(store: Store, run_id: str) -> dict[str, TenantWork]:
+    """Every tenant of the run, with its rows to send (`pending`) and their TPM cost."""
+    return {tenant: TenantWork(*work) for tenant, work in store.pending_work(run_id).items()}
 
 
 def plan(

@@ -36,9 +36,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from runner import ledger
+from runner import carried_columns, ledger
 from runner.config import Job
-from runner.distributed.plan import TenantWork
 from runner.errors import StateError
 from runner.ledger import Entry, Kind, period_of
 from runner.records import Request
@@ -90,18 +89,6 @@ _LEDGER_COLUMNS = (
 
 
 # -- the driver: work, shard files, budgets ---------------------------------------
-
-
-def tenant_work(store: Store, run_id: str) -> dict[str, TenantWork]:
-    """Every tenant of the run, with its rows to send (`pending`) and their TPM cost."""
-    rows = _read(
-        store,
-        "SELECT tenant, TOTAL(status = 'pending'),"
-        " TOTAL(CASE WHEN status = 'pending' THEN prompt_estimate + max_tokens END)"
-        " FROM requests WHERE run_id = ? GROUP BY tenant ORDER BY tenant",
-        [run_id],
-    )
-    return {tenant: TenantWork(int(count), int(tokens)) for tenant, count, tokens in rows}
 
 
 def write_shard(store: Store, run_id: str, tenants: Collection[str], path: Path) -> int:
@@ -196,7 +183,7 @@ def load_shard(store: Store, run_id: str, job: Job, shard: Path, input_format: s
         output_path="",
     )
     rows = 0
-    no_columns = pa.RecordBatch.from_pydict({})
+    no_columns = carried_columns.encode(carried_columns.NO_COLUMNS)
     for batch in parquet_source.streaming(shard).iter_batches(batch_size=_PAGE_ROWS):
         records = batch.to_pylist()
         if not records:
@@ -338,13 +325,6 @@ def _by_time(page: list[tuple[Any, ...]], tag: str) -> Iterator[tuple[str, list[
 
 
 # -- shared ----------------------------------------------------------------------------
-
-
-def _read(store: Store, sql: str, params: list[object]) -> list[tuple[Any, ...]]:
-    try:
-        return list(store.db.execute(sql, params).fetchall())
-    except sqlite3.Error as exc:
-        raise StateError(f"{store.path}: {exc}") from None
 
 
 def shard_caps(job: Job, caps: Mapping[str, int]) -> Job:
