@@ -19,7 +19,7 @@ from pathlib import Path
 
 import anyio
 
-from runner import carried_columns
+from runner import carried_columns, sources
 from runner.config import BUILTIN_SIMULATOR, Job
 from runner.control import Lanes, stop_on_signals
 from runner.engine import Engine, EngineSettings
@@ -81,6 +81,8 @@ def register(
     except BaseException:
         store.delete_run(run_id)
         raise
+    finally:
+        sources.release_memory()
     return rows
 
 

@@ -59,6 +59,13 @@ def open_source(
     return jsonl.read(path, mapping, batch_rows=batch_rows, start_seq=start_seq)
 
 
+def release_memory() -> None:
+    """Give the blocks the Arrow memory pool keeps for reuse back to the system,
+    once the input is read: a run's registering process then idles beside its
+    lane processes (100,000 rows of long prompts left it 35 MB more)."""
+    pa.default_memory_pool().release_unused()
+
+
 PARQUET_SUFFIXES = frozenset({".parquet", ".pq"})
 JSONL_SUFFIXES = frozenset({".jsonl", ".json", ".ndjson", ".jsonlines"})
 
