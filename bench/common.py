@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -158,6 +159,34 @@ def _tree_rss_mb(pid: int, parent_command: bytes = b"") -> float:
         return 0.0
     own = pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
     return own + sum(_tree_rss_mb(int(child), command) for child in children)
+
+
+def kill_tree(running: Running, *, timeout_s: float = 30.0) -> None:
+    """SIGKILL `running` (a runner's parent process, as a crash would) and wait
+    until its lane processes have gone too: they abort once their pipe to it
+    closes, and until then they may still send."""
+    pid = running.process.pid
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    running.process.send_signal(signal.SIGKILL)
+    running.wait()
+    deadline = time.monotonic() + timeout_s
+    while any(_alive(int(child)) for child in children):
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"lane processes {children} still running {timeout_s:.0f}s after the kill"
+            )
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie, gone but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def measure(args: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None) -> Measured:

@@ -10,7 +10,6 @@ row per input row, all done.
 
 from __future__ import annotations
 
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from common import (
     check,
     first_request_after,
     key_env,
+    kill_tree,
     runner_cli,
     simulator,
     unlimited,
@@ -47,8 +47,7 @@ def run(quick: bool) -> list[str]:
             if first.process.poll() is not None:
                 raise SystemExit(f"the run ended before half of it:\n{first.wait().stderr[-2000:]}")
             time.sleep(0.2)
-        first.process.send_signal(signal.SIGKILL)
-        first.wait()
+        kill_tree(first)
         answered_before = answered(sim.stats(brief=True))
         (work / "in.parquet").rename(work / "moved-away.parquet")
         seen = sim.stats(brief=True)["requests"]
