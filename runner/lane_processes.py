@@ -55,7 +55,7 @@ from runner.secrets import resolve_keys
 from runner.store import Store
 
 # "auto" splits a run only when it has this many rows to send: a child costs
-# about a second to start and 60-100 MB of memory.
+# about half a second to start and 65-75 MB of memory.
 AUTO_MIN_ROWS = 10_000
 AUTO_MAX_PROCESSES = 4
 ABORT_KILL_S = 5.0
