@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -97,3 +99,20 @@ def test_engine_options_override_the_job_file_and_bad_ones_are_config_errors(
         with_engine(job, workers=0)
     with pytest.raises(runner.ConfigError, match="engine 'spark'"):
         with_engine(job, engine="spark")  # type: ignore[arg-type]
+
+
+def test_the_package_exports_every_name_of_its_all_in_a_fresh_interpreter(tmp_path: Path) -> None:
+    # runner.api is imported on first use of its names (lane processes never use them)
+    script = (
+        "import sys, runner\n"
+        "loaded_early = 'runner.api' in sys.modules\n"
+        "from runner import *\n"
+        "missing = [name for name in runner.__all__ if name not in globals()]\n"
+        "print(loaded_early, missing, runner.run_job is sys.modules['runner.api'].run_job)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split() == ["False", "[]", "True"]
+    with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
+        runner.nonsense  # noqa: B018
