@@ -52,6 +52,10 @@ __all__ = [
 ]
 
 
+def __dir__() -> list[str]:
+    return sorted(globals().keys() | _API)
+
+
 def __getattr__(name: str) -> Any:
     if name in _API:
         from runner import api

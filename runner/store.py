@@ -556,12 +556,15 @@ class Store:
 
     def pending_work(self, run_id: str) -> dict[str, tuple[int, int]]:
         """Every tenant of the run: (rows to send, their TPM cost in total)."""
-        rows = self.db.execute(
-            "SELECT tenant, TOTAL(status = 'pending'),"
-            " TOTAL(CASE WHEN status = 'pending' THEN prompt_estimate + max_tokens END)"
-            " FROM requests WHERE run_id = ? GROUP BY tenant ORDER BY tenant",
-            [run_id],
-        ).fetchall()
+        try:
+            rows = self.db.execute(
+                "SELECT tenant, TOTAL(status = 'pending'),"
+                " TOTAL(CASE WHEN status = 'pending' THEN prompt_estimate + max_tokens END)"
+                " FROM requests WHERE run_id = ? GROUP BY tenant ORDER BY tenant",
+                [run_id],
+            ).fetchall()
+        except sqlite3.Error as exc:  # (a run's planning, before anything is sent)
+            raise StateError(f"{self.path}: {exc}") from None
         return {tenant: (int(count), int(tokens)) for tenant, count, tokens in rows}
 
     def pending_page(

@@ -114,5 +114,6 @@ def test_the_package_exports_every_name_of_its_all_in_a_fresh_interpreter(tmp_pa
         [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True
     )
     assert done.stdout.split() == ["False", "[]", "True"]
+    assert set(runner.__all__) <= set(dir(runner))
     with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
         runner.nonsense  # noqa: B018

@@ -266,6 +266,13 @@ def test_carried_columns_come_back_as_registered(store: Store) -> None:
     ]
 
 
+def test_planning_a_run_over_a_broken_database_is_a_state_error(store: Store) -> None:
+    assert store.pending_work("r") == {"acme": (3, 3 * 18), "globex": (1, 18)}  # 8 + 10 each
+    store.db.execute("ALTER TABLE requests RENAME TO requests_gone")
+    with pytest.raises(StateError, match="no such table: requests"):
+        store.pending_work("r")
+
+
 def test_deleting_a_run_leaves_no_rows(store: Store) -> None:
     store.delete_run("r")
     assert store.run("r") is None
