@@ -53,6 +53,23 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def python_then_report(code: str, report: str, *, cwd: Path) -> str:
+    """Run `code` in a fresh interpreter with its stdin at its end, then `report`
+    (which writes to stderr: a lane process keeps stdout for its progress),
+    whatever exit `code` took; the report's last line."""
+    script = f"try:\n    {code}\nexcept SystemExit:\n    pass\n{report}"
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=cwd,
+        input="",  # a pipe at its end (epoll cannot watch /dev/null)
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stderr.strip().splitlines()[-1]
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

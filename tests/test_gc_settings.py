@@ -3,29 +3,17 @@ a process that only imports the library keeps CPython's defaults."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 from runner.gc_settings import YOUNG_THRESHOLD
+from tests.conftest import python_then_report
 
 _REPORT = "import gc, sys; sys.stderr.write(f'{gc.get_threshold()[0]} {gc.get_freeze_count() > 0}')"
 
 
 def _python(code: str, *, cwd: Path) -> str:
-    """Run `code` in a fresh interpreter with its stdin at its end, then report its
-    collector settings, whatever exit `code` took; the report."""
-    script = f"try:\n    {code}\nexcept SystemExit:\n    pass\n{_REPORT}"
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=cwd,
-        input="",  # a pipe at its end (epoll cannot watch /dev/null)
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return done.stderr.strip().splitlines()[-1]
+    """`code` in a fresh interpreter, then its collector settings."""
+    return python_then_report(code, _REPORT, cwd=cwd)
 
 
 def test_a_cli_command_freezes_start_up_and_raises_the_young_threshold(tmp_path: Path) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,7 +11,7 @@ from runner import carried_columns
 from runner.config import Job
 from runner.lane_processes import AUTO_MIN_ROWS, process_count, tenant_groups
 from runner.store import Store
-from tests.conftest import new_run
+from tests.conftest import new_run, python_then_report
 from tests.test_store import request
 
 
@@ -63,23 +61,11 @@ def test_groups_hold_every_tenant_with_rows_once_balanced_by_their_work(
 
 def test_a_lane_process_sends_without_importing_pyarrow_or_the_readers(tmp_path: Path) -> None:
     # (about 40 MB and a third of a second less for each lane process)
-    script = (
-        "from runner.lane_processes import main\n"
-        "try:\n"
-        "    main()\n"  # with stdin at its end it returns at once, as when its parent is gone
-        "except SystemExit:\n"
-        "    pass\n"
-        "import sys\n"  # (a lane process keeps its stdout for progress reports)
-        "sys.stderr.write(str(sorted(name for name in sys.modules if name.split('.')[0] =="
-        " 'pyarrow' or name in ('runner.api', 'runner.runs', 'runner.sinks', 'runner.sources'))))"
+    # With stdin at its end the child returns at once, as when its parent is gone.
+    report = (
+        "import sys; sys.stderr.write(str(sorted(name for name in sys.modules"
+        " if name.split('.')[0] == 'pyarrow'"
+        " or name in ('runner.api', 'runner.runs', 'runner.sinks', 'runner.sources'))))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=tmp_path,
-        input="",
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert done.stderr.splitlines()[-1] == "[]"
+    command = "from runner.lane_processes import main; main()"
+    assert python_then_report(command, report, cwd=tmp_path) == "[]"
