@@ -8,8 +8,6 @@ import pyarrow as pa
 
 from runner.records import CarriedColumns
 
-NO_COLUMNS = pa.RecordBatch.from_pydict({})
-
 
 def encode(batch: pa.RecordBatch) -> CarriedColumns:
     sink = pa.BufferOutputStream()

@@ -183,7 +183,7 @@ def load_shard(store: Store, run_id: str, job: Job, shard: Path, input_format: s
         output_path="",
     )
     rows = 0
-    no_columns = carried_columns.encode(carried_columns.NO_COLUMNS)
+    no_columns = carried_columns.encode(pa.RecordBatch.from_pydict({}))
     for batch in parquet_source.streaming(shard).iter_batches(batch_size=_PAGE_ROWS):
         records = batch.to_pylist()
         if not records:
